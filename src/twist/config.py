@@ -1,0 +1,450 @@
+"""Typed, validated configuration for a TWIST run.
+
+A run is described by one :class:`TwistConfig`, made of small dataclasses grouped by what they
+configure (model, loss, augmentation, optimisation, training, ...). Presets are plain
+functions returning a config, and every field can be overridden from the command line as
+``--set group.field=value``. Validation happens in one place, :meth:`TwistConfig.validate`, so
+a bad value is reported before any data is loaded or any file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the user gave is not valid; the message says which."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    """One of BACKBONES: resnet18/34/50, resnet50w2, small_cnn, vit_small, vit_base."""
+    cifar_stem: bool = False
+    """ResNet stem for tiny images: 3x3 conv stride 1 and no max-pool (keeps 32 px detail)."""
+    num_classes: int = 10
+    """C, the number of 'classes' of the softmax (clusters)."""
+    hidden_dim: int = 4096
+    """Width H of the projection head (4096 in the paper)."""
+    activation: str = "relu"
+    """Head activation: relu (ResNet recipes) or gelu (ViT recipes)."""
+    nbs: bool = True
+    """Non-affine BatchNorm on the logits before the softmax (the paper's NBS). Essential."""
+    bunch_size: int = 256
+    """Images per synchronisation group of the NBS in distributed runs."""
+    small_cnn_width: int = 64
+    """Base channel width of the small convnet (small_cnn only)."""
+    patch_size: int = 16
+    """ViT patch size (vit_* only)."""
+    drop_path: float = 0.1
+    """Stochastic depth for ViT backbones."""
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0
+    """Weight of the sharpness term (1 + lambda1 in the paper)."""
+    beta: float = 1.0
+    """Weight of the diversity term (lambda2 in the paper)."""
+    tau: float = 1.0
+    """Softmax temperature: p = softmax(z / tau). 1 in every published recipe."""
+    eps: float = 1e-5
+    """Constant inside every log."""
+
+
+@dataclass
+class AugmentConfig:
+    global_size: int = 32
+    """Side of the two global crops, in pixels."""
+    local_size: int = 16
+    """Side of the local crops, in pixels."""
+    num_local: int = 0
+    """Number of local crops (0 = the two-view recipe)."""
+    global_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the random resized crop for global views."""
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    """Area range of the random resized crop for local views."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Aspect-ratio range of the random resized crop."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip (0 for digits, where a flip changes the class)."""
+    jitter_p: float = 0.8
+    """Probability of colour jitter."""
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    """Probability of converting to grayscale (RGB data only)."""
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    """Gaussian blur probability for (global 1, global 2, local crops)."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Blur sigma range, in pixels at 224 px; scaled with the crop size."""
+    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
+    """Solarize probability for (global 1, global 2, local crops)."""
+    interpolation: str = "bicubic"
+    """Resampling of the crops: bicubic (paper) or bilinear."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """sgd, lars (the release's variant) or adamw."""
+    lr: float = 0.5
+    """Base learning rate for a batch of 256; the used rate is lr * batch_size / 256."""
+    min_lr_ratio: float = 0.001
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    warmup_epochs: float = 10.0
+    """Linear warm-up from 0, in epochs (fractions allowed)."""
+    weight_decay: float = 1.5e-6
+    """Weight decay at the start of training (not on biases and 1-D parameters)."""
+    weight_decay_end: float | None = None
+    """Weight decay at the end (cosine schedule); None keeps it constant."""
+    momentum: float = 0.9
+    lars_eta: float = 1e-3
+    """LARS trust coefficient."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    """Use an EMA teacher on the global crops (the ViT recipe, METHOD.md section 5)."""
+    momentum: float = 0.996
+    """Teacher momentum at the start; it follows a cosine to momentum_end."""
+    momentum_end: float = 1.0
+
+
+@dataclass
+class SelfLabelConfig:
+    epochs: int = 0
+    """Epochs of the self-labeling stage run after TWIST training (0 = none)."""
+    lr: float = 0.05
+    """Base learning rate for a batch of 256 in the self-labeling stage."""
+    warmup_epochs: float = 5.0
+    quantile_start: float = 0.5
+    """Confidence threshold = this quantile of the batch's max-probabilities, at the start."""
+    quantile_end: float = 0.6
+    global_scale: tuple[float, float] = (0.14, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.14)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    """Images per optimiser step on each process (the global batch is this x world size)."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 where supported), bf16, fp16 (GPU, with a GradScaler), fp32."""
+    channels_last: bool = True
+    compile: bool = False
+    """torch.compile the model (only when it compiles and pays on the device)."""
+    num_workers: int = 0
+    """Loader workers for data decoded on the fly (image folders too large for memory)."""
+    eval_every: int = 1
+    """Evaluate cluster metrics and kNN every N epochs when labels exist (0 = never)."""
+    eval_batch_size: int = 512
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N optimiser steps (0 = once per epoch only)."""
+    nonfinite: str = "stop"
+    """What to do when the loss or a gradient is NaN/inf: stop or skip (the step)."""
+    bad_files: str = "skip"
+    """Undecodable images: skip (count and list them in the run folder) or stop."""
+    image_size: int = 0
+    """Images from folders are resized to this side when loaded; 0 = the global crop size."""
+    max_memory_gb: float = 4.0
+    """Decoded datasets larger than this are streamed from disk instead of kept in memory."""
+    val_data: str = ""
+    """Held-out data for per-epoch metrics; empty = the training data when it has labels."""
+    log_every: int = 10
+    """Steps between progress-bar/TensorBoard updates."""
+
+
+@dataclass
+class TwistConfig:
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TwistConfig":
+        """Check every value; raise ConfigError naming the first bad field."""
+        m, lo, a, o, t = self.model, self.loss, self.augment, self.optim, self.train
+        _check(m.backbone in BACKBONES, "model.backbone", m.backbone, f"one of {', '.join(BACKBONES)}")
+        _check(m.num_classes >= 2, "model.num_classes", m.num_classes, "at least 2")
+        _check(m.hidden_dim >= 1, "model.hidden_dim", m.hidden_dim, "positive")
+        _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
+        _check(m.bunch_size >= 2, "model.bunch_size", m.bunch_size, "at least 2")
+        _check(m.small_cnn_width >= 1, "model.small_cnn_width", m.small_cnn_width, "positive")
+        _check(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
+        _check(lo.tau > 0, "loss.tau", lo.tau, "positive")
+        _check(lo.eps > 0, "loss.eps", lo.eps, "positive")
+        _check(lo.alpha >= 0, "loss.alpha", lo.alpha, "non-negative")
+        _check(lo.beta >= 0, "loss.beta", lo.beta, "non-negative")
+        _check(a.global_size >= 4, "augment.global_size", a.global_size, "at least 4 pixels")
+        _check(a.local_size >= 4, "augment.local_size", a.local_size, "at least 4 pixels")
+        _check(a.num_local >= 0, "augment.num_local", a.num_local, "non-negative")
+        for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):
+            lo_hi = getattr(a, name)
+            _check(0 < lo_hi[0] <= lo_hi[1], f"augment.{name}", lo_hi, "0 < low <= high")
+        _check(a.global_scale[1] <= 1 and a.local_scale[1] <= 1, "augment.*_scale", (a.global_scale, a.local_scale), "at most 1")
+        for name in ("flip_p", "jitter_p", "grayscale_p"):
+            _check(0 <= getattr(a, name) <= 1, f"augment.{name}", getattr(a, name), "a probability in [0, 1]")
+        for name in ("blur_p", "solarize_p"):
+            _check(all(0 <= p <= 1 for p in getattr(a, name)), f"augment.{name}", getattr(a, name), "probabilities in [0, 1]")
+        _check(a.interpolation in ("bicubic", "bilinear"), "augment.interpolation", a.interpolation, "bicubic or bilinear")
+        _check(o.name in ("sgd", "lars", "adamw"), "optim.name", o.name, "sgd, lars or adamw")
+        _check(o.lr > 0, "optim.lr", o.lr, "positive")
+        _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+        _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "non-negative")
+        _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "non-negative")
+        _check(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "non-negative (0 disables)")
+        _check(0 <= self.ema.momentum <= self.ema.momentum_end <= 1, "ema.momentum", self.ema.momentum, "0 <= momentum <= momentum_end <= 1")
+        sl = self.selflabel
+        _check(sl.epochs >= 0, "selflabel.epochs", sl.epochs, "non-negative")
+        _check(0 <= sl.quantile_start <= 1 and 0 <= sl.quantile_end <= 1, "selflabel.quantile_*", (sl.quantile_start, sl.quantile_end), "in [0, 1]")
+        _check(t.epochs >= 1, "train.epochs", t.epochs, "at least 1")
+        _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "at least 2 (batch norm needs two samples)")
+        _check(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", t.precision, "auto, bf16, fp16 or fp32")
+        _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device, "auto, cpu, cuda or cuda:N")
+        _check(t.nonfinite in ("stop", "skip"), "train.nonfinite", t.nonfinite, "stop or skip")
+        _check(t.bad_files in ("skip", "stop"), "train.bad_files", t.bad_files, "skip or stop")
+        _check(t.num_workers >= 0, "train.num_workers", t.num_workers, "non-negative")
+        _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "non-negative")
+        _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "non-negative")
+        _check(t.image_size >= 0, "train.image_size", t.image_size, "non-negative (0 = global crop size)")
+        _check(t.max_memory_gb > 0, "train.max_memory_gb", t.max_memory_gb, "positive")
+        _check(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TwistConfig":
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are errors."""
+        cfg = cls()
+        for key, value in data.items():
+            if key == "preset":
+                cfg.preset = str(value)
+                continue
+            if key not in _GROUPS:
+                raise ConfigError(f"unknown config group '{key}'; valid groups: {', '.join(_GROUPS)}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"config group '{key}' must be a mapping")
+            for name, v in value.items():
+                set_field(cfg, f"{key}.{name}", v)
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet50w2", "small_cnn", "vit_small", "vit_base")
+_GROUPS = ("model", "loss", "augment", "optim", "ema", "selflabel", "train")
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value {value!r} for '{key}': expected {expected}")
+
+
+# ---------------------------------------------------------------------- overrides
+def valid_keys(cfg: TwistConfig | None = None) -> list[str]:
+    """Every settable 'group.field' key."""
+    cfg = cfg or TwistConfig()
+    keys = []
+    for group in _GROUPS:
+        for f in dataclasses.fields(getattr(cfg, group)):
+            keys.append(f"{group}.{f.name}")
+    return keys
+
+
+def _field_type(group_obj: Any, name: str) -> Any:
+    hints = typing.get_type_hints(type(group_obj))
+    return hints[name]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a string (from the command line) or a JSON/YAML value into the field's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            parts = [p for p in value.strip("()[] ").split(",") if p.strip()]
+        else:
+            parts = list(value)
+        if len(parts) != len(args):
+            raise ConfigError(f"invalid value {value!r} for '{key}': expected {len(args)} comma-separated numbers")
+        return tuple(_coerce(p, a, key) for p, a in zip(parts, args))
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"unsupported type {tp} for '{key}'")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"invalid value {value!r} for '{key}': expected {name}")
+
+
+def set_field(cfg: TwistConfig, key: str, value: Any) -> None:
+    """Set 'group.field' on cfg, converting value to the field's type."""
+    if "." not in key:
+        raise ConfigError(f"unknown config key '{key}'; keys look like group.field, e.g. optim.lr. Valid keys: {', '.join(valid_keys(cfg))}")
+    group, name = key.split(".", 1)
+    if group not in _GROUPS or name not in {f.name for f in dataclasses.fields(getattr(cfg, group))}:
+        raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(valid_keys(cfg))}")
+    obj = getattr(cfg, group)
+    setattr(obj, name, _coerce(value, _field_type(obj, name), key))
+
+
+def apply_overrides(cfg: TwistConfig, items: list[str]) -> TwistConfig:
+    """Apply ``key=value`` strings (``--set``) to cfg in order."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        set_field(cfg, key.strip(), value.strip())
+    return cfg
+
+
+# ---------------------------------------------------------------------- presets
+def _digits() -> TwistConfig:
+    """The default demo: scikit-learn's 8x8 digits, upsampled to 16 px, a small convnet.
+
+    With C equal to the true number of classes the NBS keeps logits at unit variance, which
+    caps how sharp softmax(z) can be at tau = 1; a lower tau lets predictions become
+    confident. Flips are off because they change a digit's identity.
+    """
+    c = TwistConfig(preset="digits")
+    c.model = ModelConfig(backbone="small_cnn", num_classes=10, hidden_dim=512, small_cnn_width=32)
+    c.loss = LossConfig(alpha=1.0, beta=1.0, tau=1.0)
+    c.augment = AugmentConfig(global_size=16, local_size=12, num_local=0, global_scale=(0.5, 1.0),
+                              flip_p=0.0, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.0,
+                              hue=0.0, grayscale_p=0.0, blur_p=(0.5, 0.1, 0.2), blur_sigma=(0.1, 2.0),
+                              solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear")
+    c.optim = OptimConfig(name="adamw", lr=2e-3, warmup_epochs=5, weight_decay=1e-4, min_lr_ratio=0.01)
+    c.train = TrainConfig(epochs=60, batch_size=256, image_size=16, eval_every=10)
+    return c
+
+
+def _mnist() -> TwistConfig:
+    c = _digits()
+    c.preset = "mnist"
+    c.augment.global_size = 28
+    c.augment.local_size = 16
+    c.train.image_size = 28
+    c.train.epochs = 15
+    c.train.eval_every = 1
+    return c
+
+
+def _cifar10() -> TwistConfig:
+    """CIFAR-10 sized for a CPU: ResNet-18 with the CIFAR stem, two 32 px views."""
+    c = TwistConfig(preset="cifar10")
+    c.model = ModelConfig(backbone="resnet18", cifar_stem=True, num_classes=10, hidden_dim=1024)
+    c.augment = AugmentConfig(global_size=32, local_size=16, num_local=0, global_scale=(0.2, 1.0),
+                              blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.2, 0.0), interpolation="bilinear")
+    c.optim = OptimConfig(name="sgd", lr=0.5, warmup_epochs=2, weight_decay=5e-4, min_lr_ratio=0.01)
+    c.train = TrainConfig(epochs=10, batch_size=256, image_size=32, eval_every=1)
+    return c
+
+
+def _cifar10_gpu() -> TwistConfig:
+    c = _cifar10()
+    c.preset = "cifar10-gpu"
+    c.augment.num_local = 4
+    c.train.epochs = 200
+    c.train.batch_size = 512
+    c.optim.warmup_epochs = 10
+    return c
+
+
+def _release_rn50_multicrop() -> TwistConfig:
+    """The release's ResNet-50 multi-crop recipe (METHOD.md sections 3, 4, 6, 7).
+
+    Global batch 2048 = 16 GPUs x 128 images; 800 epochs of TWIST then 50 of self-labeling.
+    """
+    c = TwistConfig(preset="rn50-multicrop")
+    c.model = ModelConfig(backbone="resnet50", num_classes=4096, hidden_dim=4096)
+    c.loss = LossConfig(alpha=1.0, beta=1.0, tau=1.0, eps=1e-5)
+    c.augment = AugmentConfig(global_size=224, local_size=96, num_local=12, global_scale=(0.4, 1.0),
+                              local_scale=(0.05, 0.4))
+    c.optim = OptimConfig(name="lars", lr=0.5, warmup_epochs=10, weight_decay=1.5e-6, min_lr_ratio=0.001,
+                          momentum=0.9, lars_eta=1e-3)
+    c.selflabel = SelfLabelConfig(epochs=50, lr=0.05, warmup_epochs=5, quantile_start=0.5, quantile_end=0.6)
+    c.train = TrainConfig(epochs=800, batch_size=128, image_size=256)
+    return c
+
+
+def _release_rn50_twoview() -> TwistConfig:
+    c = _release_rn50_multicrop()
+    c.preset = "rn50-twoview"
+    c.model.num_classes = 32768
+    c.augment.num_local = 0
+    c.augment.global_scale = (0.08, 1.0)
+    c.selflabel.epochs = 0
+    return c
+
+
+PRESETS: dict[str, Callable[[], TwistConfig]] = {
+    "digits": _digits,
+    "mnist": _mnist,
+    "cifar10": _cifar10,
+    "cifar10-gpu": _cifar10_gpu,
+    "rn50-multicrop": _release_rn50_multicrop,
+    "rn50-twoview": _release_rn50_twoview,
+}
+
+
+def get_preset(name: str) -> TwistConfig:
+    """A fresh config for preset ``name``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
