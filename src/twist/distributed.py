@@ -64,3 +64,15 @@ def init_from_env(device_type: str) -> bool:
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return True
+
+
+def gather_objects(obj: dict) -> dict:
+    """Merge one small dict from every process (e.g. per-rank RNG states) into one dict."""
+    if not is_distributed():
+        return obj
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged

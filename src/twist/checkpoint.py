@@ -1,0 +1,90 @@
+"""Checkpoints: written atomically, loaded without executing code.
+
+A twist checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
+with ``torch.load(weights_only=True)``: unpickling is restricted to those types and a crafted
+file cannot run code. Writing goes to a temporary file in the same folder, is flushed to disk,
+then renamed over the old checkpoint, so a crash leaves either the old or the new file, never
+half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = "twist/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or needs a trust opt-in."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise CheckpointError(f"no {CHECKPOINT_NAME} in run folder {path}")
+        return candidate
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path, trust_pickle: bool = False, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict.
+
+    By default only tensors and plain containers are unpickled (``weights_only=True``). Files
+    holding other objects (the authors' release stores an argparse Namespace) are refused
+    with a message; ``trust_pickle=True`` loads them with full unpickling, which can execute
+    code from the file, so use it only for files you trust.
+    """
+    path = resolve_checkpoint(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors and plain containers, so it was not "
+            f"loaded (loading it could execute code). If you trust this file, pass --trust-pickle "
+            f"(Python: trust_pickle=True). Detail: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
+    return obj

@@ -1,0 +1,417 @@
+"""The TWIST training loop, visible from top to bottom.
+
+    images (uint8, in memory or streamed) -> batched on-device augmentation -> views
+    -> backbone once per resolution -> head + NBS once on all views -> TwistLoss
+    -> backward -> (clip) -> optimiser step with per-step lr / weight-decay schedules
+    -> per epoch: cluster metrics + kNN when labels exist, metrics.jsonl, atomic checkpoint
+
+Runs on CPU or GPU, one process or many (``torchrun ... -m twist train``). A run folder that
+already holds a checkpoint is resumed from it, so re-running the same command after a crash
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from twist import distributed as tdist
+from twist.augment import EvalTransform, MultiCropAugment, dataset_stats
+from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist.config import ConfigError, TwistConfig
+from twist.data import ImageDataset, batch_loader, load_dataset
+from twist.inference import evaluate_model
+from twist.loss import TwistLoss
+from twist.model import TwistModel, build_model
+from twist.optim import build_optimizer, cosine_schedule, set_step_values
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss under the 'stop' policy, unusable output folder)."""
+
+
+# ---------------------------------------------------------------------- device and precision
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    return name
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------- output folder
+def prepare_output(out: Path) -> None:
+    """Create the run folder and prove it is writable before any data is loaded."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)  # a little real data: a full disk fails here, not after an epoch
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"output folder {out} is not writable: {exc.strerror or exc}") from None
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------- state
+@dataclass
+class RunState:
+    epoch: int = 0            # epochs completed
+    step_in_epoch: int = 0    # optimiser steps completed inside the current epoch
+    global_step: int = 0
+
+
+def _rng_state(aug_gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], aug_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    aug_gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: nn.Module) -> TwistModel:
+    return model.module if hasattr(model, "module") else model
+
+
+# ---------------------------------------------------------------------- the loop
+def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist", *, progress: bool = True,
+          max_steps: int | None = None) -> dict[str, Any]:
+    """Train TWIST on ``data`` and write checkpoints and metrics to ``out``.
+
+    Args:
+        cfg: the run's configuration (validated here).
+        data: 'digits', an npz file, a folder of npz splits, or an image folder.
+        out: run folder; if it holds a checkpoint, training resumes from it.
+        progress: show progress bars.
+        max_steps: stop after this many optimiser steps in total (tests, benchmarks).
+
+    Returns the last epoch's metrics record.
+    """
+    cfg.validate()
+    out = Path(out)
+    device = resolve_device(cfg.train.device)
+    tdist.init_from_env(device.type)
+    rank, world = tdist.rank(), tdist.world_size()
+    main = rank == 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    if main:
+        prepare_output(out)
+
+    # ---- data
+    image_size = cfg.train.image_size or cfg.augment.global_size
+    dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files,
+                           max_memory_gb=cfg.train.max_memory_gb, progress=progress and main)
+    if main and dataset.skipped:
+        dataset.write_skipped(out / "skipped_files.tsv")
+        print(f"twist: skipped {len(dataset.skipped)} unreadable file(s); list in {out / 'skipped_files.tsv'}",
+              file=sys.stderr)
+    if cfg.train.batch_size * world > len(dataset):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {world} process(es) is larger than the "
+                          f"dataset ({len(dataset)} images)")
+    val = dataset
+    if cfg.train.val_data:
+        val = load_dataset(cfg.train.val_data, "test", image_size=image_size, bad_files=cfg.train.bad_files,
+                           max_memory_gb=cfg.train.max_memory_gb, progress=False)
+    mean, std = dataset_stats(dataset.images) if dataset.in_memory else ([0.5] * dataset.channels, [0.25] * dataset.channels)
+
+    # ---- model, loss, augmentation
+    seed_everything(cfg.train.seed)  # same initial weights on every process
+    model = build_model(cfg.model, in_channels=dataset.channels).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    teacher = None
+    if cfg.ema.enabled:
+        from twist.ema import make_teacher
+
+        teacher = make_teacher(model)
+    if world > 1:
+        from twist.parallel import wrap_distributed
+
+        model = wrap_distributed(model, cfg.model.bunch_size, cfg.train.batch_size, device)
+    criterion = TwistLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau, cfg.loss.eps)
+    augment = MultiCropAugment(cfg.augment, dataset.channels, mean, std)
+    eval_transform = EvalTransform(cfg.augment.global_size, dataset.channels, mean, std)
+    forward_model = torch.compile(model) if cfg.train.compile else model
+
+    # ---- schedules (per optimiser step) and optimiser
+    loader = batch_loader(dataset, cfg.train.batch_size, shuffle=True, drop_last=True, seed=cfg.train.seed,
+                          epoch=0, rank=rank, world_size=world, num_workers=cfg.train.num_workers)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    global_batch = cfg.train.batch_size * world
+    peak_lr = cfg.optim.lr * global_batch / 256
+    lr_schedule = cosine_schedule(peak_lr, peak_lr * cfg.optim.min_lr_ratio, total_steps,
+                                  round(cfg.optim.warmup_epochs * steps_per_epoch))
+    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+    wd_schedule = cosine_schedule(cfg.optim.weight_decay, wd_end, total_steps)
+    momentum_schedule = cosine_schedule(cfg.ema.momentum, cfg.ema.momentum_end, total_steps)
+    optimizer = build_optimizer(model, cfg.optim, peak_lr)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+
+    # ---- resume
+    state = RunState()
+    ckpt_path = out / CHECKPOINT_NAME
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if teacher is not None and ckpt.get("teacher"):
+            teacher.load_state_dict(ckpt["teacher"])
+        state = RunState(**ckpt["state"])
+        rng = ckpt.get("rng_per_rank", {}).get(str(rank))
+        if rng is not None:
+            _set_rng_state(rng, aug_gen)
+        if main:
+            print(f"twist: resuming {out} from epoch {state.epoch}, step {state.global_step}", file=sys.stderr)
+    if main:
+        (out / "config.json").write_text(cfg.to_json() + "\n")
+
+    def checkpoint() -> None:
+        rng = {str(rank): _rng_state(aug_gen)}
+        if world > 1:
+            rng = tdist.gather_objects(rng)
+        if not main:
+            return
+        save_checkpoint({
+            "format": "twist/1",
+            "model": unwrap(model).state_dict(),
+            "teacher": teacher.state_dict() if teacher is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": vars(state).copy(),
+            "rng_per_rank": rng,
+            "config": cfg.to_dict(),
+            "data": {"channels": dataset.channels, "mean": list(mean), "std": list(std),
+                     "image_size": image_size, "class_names": dataset.class_names, "source": str(data)},
+        }, ckpt_path)
+
+    metrics_path = out / "metrics.jsonl"
+    writer = _tensorboard(out) if main else None
+    last: dict[str, Any] = {}
+    if main:
+        print(f"twist: {len(dataset)} images, {dataset.channels}x{dataset.size[0]}x{dataset.size[1]}, "
+              f"{cfg.model.backbone} -> C={cfg.model.num_classes}, {2 + cfg.augment.num_local} views, "
+              f"batch {global_batch}, {cfg.train.epochs} epochs x {steps_per_epoch} steps, "
+              f"{device.type} {precision}, {world} process(es)", file=sys.stderr)
+
+    stop = False
+    for epoch in range(state.epoch, cfg.train.epochs):
+        model.train()
+        loader = batch_loader(dataset, cfg.train.batch_size, shuffle=True, drop_last=True, seed=cfg.train.seed,
+                              epoch=epoch, rank=rank, world_size=world, num_workers=cfg.train.num_workers,
+                              start_batch=state.step_in_epoch)
+        sums = torch.zeros(4, dtype=torch.float64)
+        count, skipped_steps = 0, 0
+        t0 = time.perf_counter()
+        bar = _progress(loader, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and main,
+                        initial=state.step_in_epoch, total=steps_per_epoch)
+        for images, _ in bar:
+            it = state.global_step
+            set_step_values(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
+            images = images.to(device, non_blocking=True)
+            views = [v.contiguous(memory_format=memory_format) for v in augment(images, aug_gen)]
+            with autocast_context(device, precision):
+                student = forward_model(views)
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(views[:2])
+            terms = criterion(student, teacher=teacher_logits)
+
+            loss = terms.loss
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            finite = _all_finite(loss, model)
+            if not finite:
+                msg = f"non-finite loss or gradient at epoch {epoch + 1}, step {it} (loss={loss.item():.4g})"
+                if cfg.train.nonfinite == "stop":
+                    raise TrainingError(msg + "; stopping, the last checkpoint is intact "
+                                              "(set train.nonfinite=skip to skip such steps)")
+                if main:
+                    print(f"twist: {msg}; step skipped", file=sys.stderr)
+                skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()
+            else:
+                if cfg.optim.clip_grad > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if teacher is not None:
+                    from twist.ema import update_teacher
+
+                    update_teacher(teacher, unwrap(model), float(momentum_schedule[it]))
+                sums += torch.stack([terms.loss, terms.consistency, terms.sharpness, terms.diversity]).detach().double().cpu()
+                count += 1
+            state.global_step += 1
+            state.step_in_epoch += 1
+            if main and progress and state.global_step % cfg.train.log_every == 0:
+                bar.set_postfix(loss=f"{terms.loss.item():.4f}", lr=f"{lr_schedule[it]:.3g}")
+            if cfg.train.checkpoint_every_steps and state.global_step % cfg.train.checkpoint_every_steps == 0 \
+                    and state.step_in_epoch < steps_per_epoch:
+                checkpoint()
+            if max_steps is not None and state.global_step >= max_steps:
+                stop = True
+                break
+        if stop and state.step_in_epoch < steps_per_epoch:
+            checkpoint()
+            break
+
+        # ---- end of epoch: log, evaluate, checkpoint
+        elapsed = time.perf_counter() - t0
+        means = tdist.all_reduce_mean_nograd(sums / max(count, 1))
+        record: dict[str, Any] = {
+            "epoch": epoch + 1, "step": state.global_step,
+            "loss": means[0].item(), "consistency": means[1].item(), "sharpness": means[2].item(),
+            "diversity": means[3].item(), "lr": float(lr_schedule[state.global_step - 1]),
+            "weight_decay": float(wd_schedule[state.global_step - 1]),
+            "images_per_sec": count * global_batch / max(elapsed, 1e-9), "epoch_seconds": elapsed,
+            "skipped_steps": skipped_steps,
+        }
+        last_epoch = epoch + 1 == cfg.train.epochs
+        if val.labels is not None and cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
+            record.update(evaluate_model(unwrap(model), val, eval_transform, device=device, precision=precision,
+                                         batch_size=cfg.train.eval_batch_size,
+                                         memory=dataset if val is not dataset else None,
+                                         channels_last=cfg.train.channels_last))
+        state.epoch = epoch + 1
+        state.step_in_epoch = 0
+        checkpoint()
+        if main:
+            append_jsonl(metrics_path, record)
+            if writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
+            print("twist: " + _summary(record), file=sys.stderr)
+        last = record
+        if stop:
+            break
+
+    if cfg.selflabel.epochs > 0 and state.epoch >= cfg.train.epochs and not stop:
+        from twist.selflabel import run_selflabel
+
+        last = run_selflabel(cfg, model, teacher, dataset, val, out, device, precision, mean, std,
+                             progress=progress) or last
+    if writer is not None:
+        writer.close()
+    return last
+
+
+def _all_finite(loss: torch.Tensor, model: nn.Module) -> bool:
+    if not torch.isfinite(loss).all():
+        return False
+    norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
+    if not norms:
+        return True
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def _summary(record: dict[str, Any]) -> str:
+    keys = ["epoch", "loss", "consistency", "sharpness", "diversity", "acc", "nmi", "ari", "knn_top1", "clusters_used"]
+    parts = []
+    for k in keys:
+        if k in record:
+            v = record[k]
+            parts.append(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def _progress(iterable, desc: str, enabled: bool, initial: int = 0, total: int | None = None):
+    if not enabled:
+        return _NoBar(iterable)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, initial=initial, total=total, leave=False, dynamic_ncols=True)
+
+
+class _NoBar:
+    def __init__(self, iterable):
+        self._it = iterable
+
+    def __iter__(self):
+        return iter(self._it)
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: scalars stay in metrics.jsonl only
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
