@@ -1,0 +1,100 @@
+"""Head shapes, the NBS, the per-resolution backbone calls, and backbone variants."""
+
+import pytest
+import torch
+from torch import nn
+
+from twist.config import ModelConfig, get_preset
+from twist.head import TwistHead
+from twist.model import build_model
+
+
+def test_head_layout_matches_release_names():
+    head = TwistHead(32, hidden_dim=64, num_classes=10)
+    names = set(dict(head.named_parameters()))
+    assert {"projection_head.0.weight", "projection_head.0.bias", "projection_head.1.weight",
+            "projection_head.4.weight", "projection_head.5.bias", "last_linear.weight", "last_linear.bias"} <= names
+    assert not any(n.startswith("norm.") for n in names)  # NBS has no affine parameters
+    buffers = dict(head.named_buffers())
+    assert "norm.running_mean" in buffers and "norm.running_var" in buffers
+    assert all(isinstance(m, nn.Linear) for m in (head.projection_head[0], head.projection_head[4], head.last_linear))
+
+
+def test_nbs_standardises_each_logit_over_the_batch():
+    torch.manual_seed(0)
+    head = TwistHead(16, hidden_dim=32, num_classes=7).train()
+    z = head(torch.randn(64, 16) * 5 + 3)
+    assert z.shape == (64, 7)
+    torch.testing.assert_close(z.mean(0), torch.zeros(7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(7), atol=1e-3, rtol=0)
+
+
+def test_eval_mode_uses_running_statistics():
+    torch.manual_seed(0)
+    head = TwistHead(8, hidden_dim=16, num_classes=4)
+    head.train()
+    for _ in range(5):
+        head(torch.randn(32, 8))
+    head.eval()
+    x = torch.randn(3, 8)
+    single = torch.cat([head(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(single, head(x))  # batch-independent in eval mode
+
+
+def test_vit_init_is_trunc_normal_zero_bias():
+    head = TwistHead(8, hidden_dim=256, num_classes=100, activation="gelu", vit_init=True)
+    assert isinstance(head.projection_head[2], nn.GELU)
+    w = head.last_linear.weight
+    assert torch.all(head.last_linear.bias == 0)
+    assert 0.015 < w.std().item() < 0.025
+
+
+def test_backbone_runs_once_per_resolution_and_head_once():
+    model = build_model(ModelConfig(backbone="small_cnn", small_cnn_width=8, hidden_dim=32, num_classes=5), in_channels=1)
+    calls = {"backbone": [], "head": 0}
+    model.backbone.register_forward_hook(lambda m, i, o: calls["backbone"].append(tuple(i[0].shape)))
+    model.head.register_forward_hook(lambda m, i, o: calls.__setitem__("head", calls["head"] + 1))
+    views = [torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)] + [torch.randn(6, 1, 8, 8) for _ in range(4)]
+    out = model(views)
+    assert [tuple(z.shape) for z in out] == [(6, 5)] * 6
+    assert calls["backbone"] == [(12, 1, 16, 16), (24, 1, 8, 8)]
+    assert calls["head"] == 1
+
+
+def test_nbs_statistics_cover_all_views():
+    model = build_model(ModelConfig(backbone="small_cnn", small_cnn_width=8, hidden_dim=32, num_classes=5), in_channels=1)
+    views = [torch.randn(8, 1, 16, 16) + i for i in range(3)]
+    out = torch.cat(model(views))
+    torch.testing.assert_close(out.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_resnets_and_cifar_stem(name, dim):
+    model = build_model(ModelConfig(backbone=name, cifar_stem=True, hidden_dim=32, num_classes=10), in_channels=3)
+    assert model.feature_dim == dim
+    assert model.backbone.conv1.kernel_size == (3, 3) and model.backbone.conv1.stride == (1, 1)
+    assert isinstance(model.backbone.maxpool, nn.Identity)
+    assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_resnet50_backbone_loads_into_torchvision_without_fc():
+    import torchvision
+
+    model = build_model(ModelConfig(backbone="resnet50", hidden_dim=32, num_classes=10))
+    tv = torchvision.models.resnet50(weights=None)
+    missing, unexpected = tv.load_state_dict(model.backbone.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_resnet50w2_is_twice_as_wide():
+    model = build_model(ModelConfig(backbone="resnet50w2", hidden_dim=32, num_classes=10))
+    assert model.feature_dim == 4096
+    assert model.backbone.conv1.out_channels == 128
+    n = sum(p.numel() for p in model.backbone.parameters())
+    assert 90e6 < n < 100e6  # ~94M with the widened stem, as SwAV's RN50w2
+
+
+def test_presets_build_models():
+    cfg = get_preset("digits")
+    model = build_model(cfg.model, in_channels=1)
+    assert model.num_classes == cfg.model.num_classes
