@@ -1,0 +1,64 @@
+"""Configuration: presets validate, overrides are typed, bad keys and values are errors that
+name the valid choices, and configs round-trip through JSON."""
+
+import json
+
+import pytest
+
+from twist.config import PRESETS, ConfigError, TwistConfig, apply_overrides, get_preset, valid_keys
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_round_trips(name):
+    cfg = get_preset(name).validate()
+    again = TwistConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(get_preset("digits"), ["optim.lr=0.25", "train.epochs=3", "train.channels_last=false",
+                                                 "augment.global_scale=0.3,1.0", "optim.weight_decay_end=none",
+                                                 "optim.weight_decay_end=0.1"])
+    assert cfg.optim.lr == 0.25 and cfg.train.epochs == 3 and cfg.train.channels_last is False
+    assert cfg.augment.global_scale == (0.3, 1.0) and cfg.optim.weight_decay_end == 0.1
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("optim.nope=1", "Valid keys"),
+    ("nope=1", "Valid keys"),
+    ("train.epochs=1.5", "expected int"),
+    ("train.epochs=abc", "expected int"),
+    ("optim.lr=nan", "expected float"),
+    ("train.channels_last=maybe", "expected bool"),
+    ("augment.global_scale=0.3", "2 comma-separated"),
+    ("noequals", "key=value"),
+])
+def test_bad_overrides(item, needle):
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(TwistConfig(), [item])
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("model.num_classes=1", "model.num_classes"),
+    ("train.batch_size=1", "batch norm"),
+    ("model.backbone=vgg", "resnet18"),
+    ("optim.name=rmsprop", "sgd, lars or adamw"),
+    ("loss.tau=0", "loss.tau"),
+    ("augment.global_scale=0.5,0.2", "augment.global_scale"),
+    ("train.precision=fp8", "bf16"),
+])
+def test_bad_values_fail_validation(item, needle):
+    cfg = apply_overrides(TwistConfig(), [item])
+    with pytest.raises(ConfigError, match=needle):
+        cfg.validate()
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ConfigError, match="digits"):
+        get_preset("imagenet-9000")
+
+
+def test_valid_keys_cover_every_group():
+    keys = valid_keys()
+    for group in ("model.", "loss.", "augment.", "optim.", "ema.", "selflabel.", "train."):
+        assert any(k.startswith(group) for k in keys)
