@@ -274,41 +274,17 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             set_step_values(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
             images = images.to(device, non_blocking=True)
             views = [v.contiguous(memory_format=memory_format) for v in augment(images, aug_gen)]
-            with autocast_context(device, precision):
-                student = forward_model(views)
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(views[:2])
-            terms = criterion(student, teacher=teacher_logits)
-
-            loss = terms.loss
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            finite = _all_finite(loss, model)
+            terms, finite = train_step(forward_model, criterion, optimizer, views, device=device, precision=precision,
+                                       scaler=scaler, clip_grad=cfg.optim.clip_grad, teacher=teacher)
             if not finite:
-                msg = f"non-finite loss or gradient at epoch {epoch + 1}, step {it} (loss={loss.item():.4g})"
+                msg = f"non-finite loss or gradient at epoch {epoch + 1}, step {it} (loss={terms.loss.item():.4g})"
                 if cfg.train.nonfinite == "stop":
                     raise TrainingError(msg + "; stopping, the last checkpoint is intact "
                                               "(set train.nonfinite=skip to skip such steps)")
                 if main:
                     print(f"twist: {msg}; step skipped", file=sys.stderr)
                 skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.update()
             else:
-                if cfg.optim.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
                 if teacher is not None:
                     from twist.ema import update_teacher
 
@@ -369,6 +345,44 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     if writer is not None:
         writer.close()
     return last
+
+
+def train_step(model: nn.Module, criterion: TwistLoss, optimizer: torch.optim.Optimizer, views: list[torch.Tensor], *,
+               device: torch.device, precision: str, scaler=None, clip_grad: float = 0.0,
+               teacher: nn.Module | None = None):
+    """One optimiser step on a batch of augmented views.
+
+    Forward (under autocast), loss (float32), backward, finiteness check, optional gradient
+    clipping, optimiser step. Returns ``(terms, finite)``; when a loss or gradient is not
+    finite the step is not taken and the gradients are cleared, and the caller applies its
+    policy (stop or skip). The EMA teacher update is left to the caller.
+    """
+    with autocast_context(device, precision):
+        student = model(views)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(views[:2])
+    terms = criterion(student, teacher=teacher_logits)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(terms.loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        terms.loss.backward()
+    if not _all_finite(terms.loss, model):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return terms, False
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return terms, True
 
 
 def _all_finite(loss: torch.Tensor, model: nn.Module) -> bool:
