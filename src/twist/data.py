@@ -846,12 +846,13 @@ class _BatchSet(torch.utils.data.Dataset):
 
 
 class BatchLoader:
-    """Batches of one epoch for one rank; ``len()`` is the number of batches. See
+    """Batches of one epoch for one rank; ``len()`` is the number of batches of the whole
+    epoch, also when ``start_batch`` skips the first ones (a resumed epoch). See
     :func:`batch_loader`."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
                  epoch: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, start_batch: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -864,6 +865,7 @@ class BatchLoader:
         self.seed, self.epoch = seed, epoch
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.start_batch = max(int(start_batch), 0)
         n = len(dataset)
         if drop_last:
             self.per_rank = n // world_size
@@ -897,7 +899,8 @@ class BatchLoader:
         return mine
 
     def _batches(self) -> list[torch.Tensor]:
-        return list(torch.split(self.indices(), self.batch_size))
+        # a resumed epoch starts after the batches it already trained on (not decoded again)
+        return list(torch.split(self.indices(), self.batch_size))[self.start_batch:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = self.dataset
@@ -920,7 +923,7 @@ class BatchLoader:
 
 def batch_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, epoch: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False) -> BatchLoader:
+                 pin_memory: bool = False, start_batch: int = 0) -> BatchLoader:
     """Batches ``(uint8 images (b, C, H, W), int64 indices)`` of one epoch for one rank.
 
     Deterministic in ``(seed, epoch)``; ranks take disjoint strided slices of one permutation;
@@ -929,4 +932,5 @@ def batch_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_
     decoded by a ``DataLoader`` with ``num_workers`` worker processes (threads when 0).
     """
     return BatchLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch,
-                       rank=rank, world_size=world_size, num_workers=num_workers, pin_memory=pin_memory)
+                       rank=rank, world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
+                       start_batch=start_batch)
