@@ -13,8 +13,8 @@ arrays or torch tensors (or anything ``numpy.asarray`` accepts) and are converte
   k = 20, T = 0.07 by default).
 * Linear probe -- :func:`linear_probe`: a linear classifier on frozen, standardised features,
   SGD with momentum and a cosine schedule.
-* :func:`extract` runs a frozen network over a tensor of inputs in batches (eval mode, no
-  gradients) and collects its outputs.
+
+Feature extraction (running a network over a dataset) lives in :mod:`twist.inference`.
 
 Labels are non-negative integers (class / cluster ids). Accuracies are fractions in [0, 1].
 
@@ -33,7 +33,7 @@ import csv
 import math
 import os
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +55,6 @@ __all__ = [
     "knn_predict",
     "knn_top1",
     "linear_probe",
-    "extract",
     "DEFAULT_PROBE_LR",
 ]
 
@@ -495,9 +494,9 @@ def linear_probe(train_feats: Any, train_labels: Any, test_feats: Any, test_labe
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     n, dim = x_tr.shape
-    head = torch.nn.Linear(dim, num_classes).to(dev)
+    head = torch.nn.utils.skip_init(torch.nn.Linear, dim, num_classes, device=dev)  # no global RNG
     with torch.no_grad():
-        head.weight.copy_(torch.randn(num_classes, dim, generator=gen) * 0.01)
+        head.weight.copy_(torch.randn(num_classes, dim, generator=gen).mul_(0.01))
         head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9,
                           weight_decay=float(weight_decay))
@@ -533,47 +532,3 @@ def linear_probe(train_feats: Any, train_labels: Any, test_feats: Any, test_labe
     m = x_te.shape[0]
     return {"top1": correct1 / m, "top5": correct5 / m, "epochs": int(epochs), "lr": base_lr,
             "train_loss": last_loss}
-
-
-# ----------------------------------------------------------------------------- features
-@torch.no_grad()
-def extract(fn: Callable[[torch.Tensor], Any], data: Any, *, batch_size: int = 256,
-            device: str | torch.device | None = None,
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
-    """Run ``fn`` over ``data`` in batches without gradients and concatenate the outputs.
-
-    ``data`` is a tensor (or array) whose first dimension indexes samples; each batch is moved
-    to ``device`` (default: left where it is), passed through ``transform`` if given (e.g.
-    uint8 images -> normalised floats), then ``fn``. If ``fn`` is an ``nn.Module`` it runs in
-    eval mode and its previous mode is restored afterwards. Outputs are gathered on the CPU:
-    a tensor gives one tensor; a tuple / list of tensors gives a tuple of tensors; a dict of
-    tensors gives a dict.
-    """
-    x = data if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError("data is empty: need at least one sample")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = isinstance(fn, torch.nn.Module) and fn.training
-    if isinstance(fn, torch.nn.Module):
-        fn.eval()
-    outs: list[Any] = []
-    try:
-        for s in range(0, x.shape[0], int(batch_size)):
-            b = x[s:s + int(batch_size)]
-            if device is not None:
-                b = b.to(device, non_blocking=True)
-            if transform is not None:
-                b = transform(b)
-            outs.append(fn(b))
-    finally:
-        if was_training:
-            fn.train()
-    first = outs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat([o.detach().cpu() for o in outs])
-    if isinstance(first, dict):
-        return {key: torch.cat([o[key].detach().cpu() for o in outs]) for key in first}
-    if isinstance(first, (tuple, list)):
-        return tuple(torch.cat([o[i].detach().cpu() for o in outs]) for i in range(len(first)))
-    raise TypeError(f"fn returned {type(first).__name__}; expected a tensor, tuple, list or dict")
