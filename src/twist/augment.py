@@ -1,0 +1,620 @@
+"""Batched, on-device augmentation: the two-view and multi-crop pipelines of METHOD.md section 4.
+
+Images arrive as ``uint8`` tensors ``(B, C, H, W)`` on the training device (CPU or GPU) and leave
+as a list of normalised ``float32`` views ``[global_1, global_2, local_1, ...]``. Every operation
+works on the whole batch at once; there is no Python loop over images. The only Python loops are
+over the two crop resolutions (global, local) and, in the rare case that images are much larger
+than the crops, over the levels of an anti-aliasing pyramid.
+
+Randomness. Every random number is drawn on the CPU from the ``torch.Generator`` passed to
+:meth:`MultiCropAugment.__call__` (the global CPU generator when none is given), in a fixed
+order and amount that does not depend on the configuration. The small per-sample parameter
+tensors are then moved to the device in one transfer per crop resolution, so a fixed seed gives
+the same crops, flips and colour factors on every run and on every device, and no GPU->CPU
+synchronisation happens.
+
+The pipeline of one view (BYOL / DINO order, torchvision's definition of each operation):
+
+1. Random resized crop + horizontal flip in ONE resampling pass. The crop box is drawn exactly as
+   torchvision's ``RandomResizedCrop.get_params`` does (area fraction uniform in ``scale``, aspect
+   ratio log-uniform in ``ratio``, 10 attempts, then a centre crop with the ratio clamped), with
+   integer box corners. The box and the flip become a per-sample affine grid
+   (``F.affine_grid``) that ``F.grid_sample`` resamples with ``align_corners=False`` and border
+   padding, so a crop of the whole image equals ``F.interpolate(..., antialias=False)``.
+   Bicubic output is clamped to [0, 1].
+   Anti-aliasing: ``grid_sample`` samples points, which aliases when the crop is more than twice
+   the output side. When that happens for some sample, the batch is reduced into a mip-map
+   pyramid (each level an anti-aliased bilinear half-size resize of the previous one, built once
+   per call and shared by all views), and each sample reads from level ``floor(log2(f))`` where
+   ``f = max(crop_h, crop_w) / S`` is its downscale factor, so the residual factor is below 2.
+   Normalised grid coordinates do not depend on the resolution, so the same grid serves every
+   level. With the presets (256 px images for 224/96 crops, 32 px for 32/16) ``f < 2`` always
+   and the pyramid is never built.
+2. Colour jitter with probability ``jitter_p``: brightness, contrast, saturation and hue with
+   factors drawn like torchvision's ``ColorJitter`` (factor uniform in [max(0, 1 - x), 1 + x];
+   hue shift uniform in [-hue, hue]). torchvision shuffles the order of the four operations per
+   image; here the order is shuffled once per call and crop resolution (the same order for the
+   whole batch). Brightness, contrast and saturation are linear maps that commute with each
+   other apart from the clamping to [0, 1], so only hue's position really varies. Samples that
+   are not jittered get identity factors. One-channel data gets brightness and contrast only.
+3. Grayscale with probability ``grayscale_p`` (RGB only; ITU-R 601 weights 0.2989, 0.587, 0.114).
+4. Gaussian blur with per-view probability ``blur_p = (global_1, global_2, locals)``. ``sigma``
+   is uniform in ``blur_sigma``, which is given in pixels of a 224 px global crop; it is
+   multiplied by ``global_size / 224`` for EVERY view, so the paper's 224/96 recipe keeps
+   DINO/BYOL's sigma in [0.1, 2] px on global and local crops alike, and a 32/16 recipe gets
+   sigma in [0.014, 0.29] px. Kernel: ``2 * ceil(3 * sigma_max) + 1`` taps (capped by the
+   image), per-sample separable weights through a grouped convolution, reflect padding. Only
+   the selected samples are blurred; nothing is done when no sample is selected.
+5. Solarize with per-view probability ``solarize_p``: pixels >= 0.5 become 1 - x (what
+   PIL's ``ImageOps.solarize`` does at threshold 128 on the original 8-bit values).
+6. Normalise ``(x - mean) / std`` into a fresh contiguous ``float32`` tensor per view.
+
+The small ``adjust_*`` / ``rgb_to_grayscale`` / ``gaussian_blur`` / ``solarize`` functions take
+explicit per-sample factors and are what the pipeline uses; they are public so that they can
+be tested against torchvision one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from twist.config import AugmentConfig
+
+__all__ = [
+    "MultiCropAugment",
+    "EvalTransform",
+    "dataset_stats",
+    "rgb_to_grayscale",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_hue",
+    "gaussian_blur",
+    "solarize",
+    "DEFAULT_MEAN",
+    "DEFAULT_STD",
+]
+
+DEFAULT_MEAN = 0.5
+"""Per-channel mean used when none is given: maps [0, 1] to [-1, 1] together with DEFAULT_STD."""
+DEFAULT_STD = 0.5
+
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
+_BLUR_REFERENCE_SIZE = 224  # blur sigmas are given in pixels of a 224 px crop
+
+# Columns of the per-(sample, view) uniform random numbers drawn for each crop resolution.
+_N_ATTEMPTS = 10
+_C_AREA = 0
+_C_RATIO = _C_AREA + _N_ATTEMPTS
+_C_TOP = _C_RATIO + _N_ATTEMPTS
+_C_LEFT = _C_TOP + 1
+_C_FLIP = _C_LEFT + 1
+_C_JITTER = _C_FLIP + 1
+_C_FACTORS = _C_JITTER + 1  # brightness, contrast, saturation, hue
+_C_GRAY = _C_FACTORS + 4
+_C_BLUR = _C_GRAY + 1
+_C_SIGMA = _C_BLUR + 1
+_C_SOLAR = _C_SIGMA + 1
+_N_RANDOM = _C_SOLAR + 1
+
+# Rows of the packed per-(sample, view) parameter array moved to the device.
+_P_AX, _P_TX, _P_AY, _P_TY = 0, 1, 2, 3  # crop + flip as x_in = ax * x_out + tx (normalised coordinates)
+_P_BRIGHTNESS, _P_CONTRAST, _P_SATURATION, _P_HUE = 4, 5, 6, 7
+_P_GRAY = 8
+_P_SIGMA = 9
+_P_SOLAR = 10
+_N_PARAMS = 11
+_NO_BLUR_SIGMA = 1e-3  # a sigma whose kernel is exactly [.., 0, 1, 0, ..] in float32
+
+
+# ---------------------------------------------------------------------------- small operations
+def _per_sample(factor: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """A python number as is; a (N,) tensor as (N, 1, 1, ...); other tensors must broadcast."""
+    if not torch.is_tensor(factor):
+        return float(factor)
+    factor = factor.to(device=x.device, dtype=x.dtype)
+    if factor.dim() == 1:
+        factor = factor.view(-1, *([1] * (x.dim() - 1)))
+    return factor
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma of RGB images ``x`` (channels on dim 1, 3 of them) as a one-channel tensor."""
+    r, g, b = x.unbind(1)
+    return r.mul(_GRAY_WEIGHTS[0]).add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``clamp(x * factor, 0, 1)``; ``factor`` per sample (N,) or broadcastable."""
+    f = _per_sample(factor, x)
+    out = x.mul_(f) if inplace else x.mul(f)
+    return out.clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Blend with the mean grey level of each image (the last two dims are one image's pixels)."""
+    f = _per_sample(factor, x)
+    gray = rgb_to_grayscale(x) if x.shape[1] == 3 else x
+    mean = gray.mean(dim=(-2, -1), keepdim=True)
+    if x.shape[1] != 3:
+        mean = mean.mean(dim=1, keepdim=True)
+    out = x.mul_(f) if inplace else x.mul(f)
+    return out.add_(mean * (1.0 - f)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Blend RGB images with their grayscale version (identity for one-channel images)."""
+    if x.shape[1] != 3:
+        return x if inplace else x.clone()
+    f = _per_sample(factor, x)
+    gray = rgb_to_grayscale(x).mul_(1.0 - f)
+    out = x.mul_(f) if inplace else x.mul(f)
+    return out.add_(gray).clamp_(0.0, 1.0)
+
+
+# HSV -> RGB: channel n of (R, G, B) sits at position clamp(|(6 h + n) mod 6 - 3| - 1, 0, 1) between
+# the pixel's minimum (0) and maximum (1), with n = 6, 4, 2 (torchvision's table in closed form).
+# For 6 h in [0, 6), |(6 h + n) mod 6 - 3| = ||6 h + n - 6| - 3|, so no modulo is needed per channel.
+_HUE_OFFSETS = (0.0, -2.0, -4.0)  # n - 6
+_BIG = 1e30  # turns "a - max >= 0" into a 0/1 float mask with arithmetic only
+
+
+def _is_max(channel: torch.Tensor, maxc: torch.Tensor) -> torch.Tensor:
+    """1.0 where channel == maxc (channel <= maxc everywhere), else 0.0, as float arithmetic.
+
+    (Comparisons and ``torch.where`` produce/consume bool tensors, which are several times
+    slower than float arithmetic on CPU.)"""
+    return (channel - maxc).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images by ``shift`` turns (torchvision's ``adjust_hue``: RGB -> HSV,
+    ``h = (h + shift) mod 1``, HSV -> RGB), all in batched tensor operations. Identity for
+    one-channel images. Returns a new tensor."""
+    if x.shape[1] != 3:
+        return x.clone()
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]  # keep the channel dim so per-sample shifts broadcast
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    delta = maxc - minc
+    inv = delta.clamp_min(1e-12).reciprocal_()  # the numerators below are 0 where delta is 0
+    is_r = _is_max(r, maxc)
+    is_g = _is_max(g, maxc).mul_(1.0 - is_r)  # r wins ties, then g, then b (as torchvision)
+    # hue in sextants: (g - b) if r is the max, (b - r) + 2 delta if g, (r - g) + 4 delta if b
+    h = (r - g).add_(delta, alpha=4.0)
+    h_r = (g - b).sub_(h).mul_(is_r)
+    h_g = (b - r).add_(delta, alpha=2.0).sub_(h).mul_(is_g)
+    h = h.add_(h_r).add_(h_g).mul_(inv)  # in [-1, 5)
+    s = _per_sample(shift, x)
+    h = h.add_(s * 6.0)
+    h = h.sub_(torch.floor(h * (1.0 / 6.0)), alpha=6.0)  # wrap into [0, 6)
+    offsets = torch.tensor(_HUE_OFFSETS, device=x.device, dtype=x.dtype).view(1, 3, *([1] * (x.dim() - 2)))
+    # (expanding h first matters: broadcasting the small offsets tensor takes a slow path on CPU)
+    k = (h.expand(x.shape) + offsets).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    return torch.addcmul(minc, k, delta)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., size) normalised Gaussian weights, one row per sigma (torchvision's definition:
+    ``exp(-d^2 / (2 sigma^2))`` at integer offsets d from the centre, normalised to sum 1)."""
+    d = torch.arange(size, dtype=sigma.dtype, device=sigma.device) - (size - 1) / 2
+    return torch.softmax(d.square() / (-2.0 * sigma.square()).unsqueeze(-1), dim=-1)
+
+
+def _kernel_size(sigma_max: float, height: int, width: int) -> int:
+    """``2 * ceil(3 sigma) + 1`` taps, odd, capped so that reflect padding is possible."""
+    size = 2 * math.ceil(3.0 * sigma_max) + 1
+    limit = 2 * min(height, width) - 1
+    return max(1, min(size, limit))
+
+
+def _blur_planes(planes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Separable blur of (P, H, W) planes with one odd, symmetric 1-D kernel (P, k) per plane;
+    reflect padding. Small kernels (radius <= 3) use shifted multiply-adds, which are faster
+    than a grouped convolution on CPU; larger ones a depthwise convolution."""
+    p, h, w = planes.shape
+    size = weights.shape[-1]
+    if size <= 1:
+        return planes.clone()
+    r = size // 2
+    x = F.pad(planes, (r, r, r, r), mode="reflect")  # (P, H+2r, W+2r)
+    if r <= 3:
+        wt = weights.view(p, 1, 1, size)
+
+        def one_pass(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+            out = t.narrow(dim, r, n) * wt[..., r]
+            for k in range(1, r + 1):
+                pair = t.narrow(dim, r - k, n) + t.narrow(dim, r + k, n)
+                out.addcmul_(pair, wt[..., r + k])
+            return out
+
+        # rows first, on the padded rows too (reflecting rows commutes with filtering along them)
+        return one_pass(one_pass(x, 2, w), 1, h)
+    x = F.conv2d(x.unsqueeze(0), weights.view(p, 1, 1, size), groups=p)  # (1, P, H+2r, W)
+    x = F.conv2d(x, weights.view(p, 1, size, 1), groups=p)  # (1, P, H, W)
+    return x.view(p, h, w)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, kernel_size: int | None = None) -> torch.Tensor:
+    """Gaussian blur of images ``x`` (N, C, H, W) with one ``sigma`` per sample (N,) or one for
+    all; ``kernel_size`` defaults to ``2 * ceil(3 * max(sigma)) + 1`` (capped by the image);
+    reflect padding. Returns a new tensor."""
+    n, c, h, w = x.shape
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(n)
+    size = kernel_size or _kernel_size(float(sigma.max()), h, w)
+    weights = _gaussian_kernels(sigma, size).repeat_interleave(c, dim=0)  # (N*C, k)
+    return _blur_planes(x.reshape(n * c, h, w), weights).view(n, c, h, w)
+
+
+def solarize(x: torch.Tensor, apply: float | torch.Tensor = 1.0, inplace: bool = False) -> torch.Tensor:
+    """Invert the pixels >= 0.5 (``1 - x``) of the samples where ``apply`` (per sample (N,), or
+    broadcastable; 0/1 floats or bools) is 1. Computed as ``x - max(2x - 1, 0)``, which equals
+    ``min(x, 1 - x)`` exactly in float32 for x in [0, 1]."""
+    if torch.is_tensor(apply) and apply.dtype == torch.bool:
+        apply = apply.to(x.dtype)
+    a = _per_sample(apply, x)
+    excess = torch.mul(x, 2.0).sub_(1.0).clamp_min_(0.0).mul_(a)
+    return x.sub_(excess) if inplace else x - excess
+
+
+# ---------------------------------------------------------------------------- helpers
+def _check_images(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {type(images).__name__} "
+                         f"of shape {tuple(getattr(images, 'shape', ()))}")
+    if images.shape[1] != channels:
+        raise ValueError(f"images have {images.shape[1]} channel(s) but the transform was built for {channels}")
+    if images.dtype == torch.uint8:
+        return torch.div(images, 255.0)  # one pass, float32
+    if images.is_floating_point():
+        return images.to(torch.float32)  # taken to be in [0, 1] already
+    raise ValueError(f"images must be uint8 (or float in [0, 1]), got {images.dtype}")
+
+
+def _norm_stats(values: Sequence[float] | None, default: float, channels: int, name: str) -> list[float]:
+    if values is None:
+        return [default] * channels
+    vals = [float(v) for v in values]
+    if len(vals) == 1 and channels > 1:
+        vals = vals * channels
+    if len(vals) != channels:
+        raise ValueError(f"{name} has {len(vals)} values for {channels} channel(s)")
+    if name == "std" and any(not v > 0 for v in vals):
+        raise ValueError(f"std must be positive, got {vals}")
+    return vals
+
+
+class _Normalizer:
+    """(x - mean) / std, with the constants cached per (device, shape)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        self.mean, self.std = mean, std
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device, ndim: int, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / std) shaped to broadcast along ``channel_dim`` of an ``ndim`` tensor."""
+        key = (device, ndim, channel_dim)
+        if key not in self._cache:
+            shape = [1] * ndim
+            shape[channel_dim] = len(self.mean)
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(shape)
+            inv_std = torch.tensor([1.0 / s for s in self.std], dtype=torch.float32).view(shape)
+            self._cache[key] = (mean.to(device), inv_std.to(device))
+        return self._cache[key]
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small CPU array as a tensor on ``device``, without a host synchronisation on CUDA."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------- crop parameters
+def _crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, float],
+                ratio: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """torchvision's ``RandomResizedCrop.get_params`` for every (sample, view) at once.
+
+    ``u``: (..., _N_RANDOM) uniforms. Returns float arrays of integer values (top, left, h, w)."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., _C_AREA:_C_AREA + _N_ATTEMPTS])
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lr0 + (lr1 - lr0) * u[..., _C_RATIO:_C_RATIO + _N_ATTEMPTS])
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = np.argmax(valid, axis=-1)[..., None]  # the first valid attempt
+    found = valid.any(axis=-1)
+    w = np.take_along_axis(w, first, axis=-1)[..., 0]
+    h = np.take_along_axis(h, first, axis=-1)[..., 0]
+    # no valid attempt: a centre crop with the aspect ratio clamped to the range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        cw, ch = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = height, int(round(height * max(ratio)))
+    else:
+        cw, ch = width, height
+    w = np.where(found, w, cw)
+    h = np.where(found, h, ch)
+    top = np.minimum(np.floor(u[..., _C_TOP] * (height - h + 1)), height - h)
+    left = np.minimum(np.floor(u[..., _C_LEFT] * (width - w + 1)), width - w)
+    top = np.where(found, top, (height - ch) // 2)
+    left = np.where(found, left, (width - cw) // 2)
+    return top, left, h, w
+
+
+def _sampling_grid(p: torch.Tensor, b: int, nviews: int, size: int) -> torch.Tensor:
+    """The ``F.affine_grid(theta, align_corners=False)`` grids of axis-aligned maps
+    ``x_in = ax * x_out + tx``, ``y_in = ay * y_out + ty`` (flips have ax < 0), built separably
+    (a fraction of affine_grid's cost), all views of a sample stacked along the output height:
+    (B, V * size, size, 2)."""
+    base = (torch.arange(size, device=p.device, dtype=p.dtype) * 2.0 + 1.0) / size - 1.0  # pixel centres
+    gx = torch.addcmul(p[_P_TX].view(b, nviews, 1, 1), p[_P_AX].view(b, nviews, 1, 1), base.view(1, 1, 1, size))
+    gy = torch.addcmul(p[_P_TY].view(b, nviews, 1, 1), p[_P_AY].view(b, nviews, 1, 1), base.view(1, 1, size, 1))
+    grid = torch.empty((b, nviews, size, size, 2), device=p.device, dtype=p.dtype)
+    grid[..., 0] = gx
+    grid[..., 1] = gy
+    return grid.view(b, nviews * size, size, 2)
+
+
+class MultiCropAugment:
+    """2 global + ``cfg.num_local`` local views of a uint8 batch, on the batch's device.
+
+    Args:
+        cfg: the augmentation settings (sizes, probabilities, ranges).
+        channels: 1 (grayscale data) or 3 (RGB).
+        mean, std: per-channel normalisation of the output in [0, 1] units (one value is
+            repeated for every channel); default 0.5 / 0.5, i.e. outputs in [-1, 1]. The trainer
+            passes the dataset's statistics (:func:`dataset_stats`).
+        global_scale, local_scale: override ``cfg.global_scale`` / ``cfg.local_scale`` (the
+            self-labeling stage uses harder crops).
+
+    Calling it with uint8 images (B, C, H, W) (any device) and a CPU ``torch.Generator`` returns
+    ``num_views`` float32 tensors ``[global_1, global_2, local_1, ...]`` of shape (B, C, S, S).
+    """
+
+    def __init__(self, cfg: AugmentConfig, channels: int, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, global_scale: tuple[float, float] | None = None,
+                 local_scale: tuple[float, float] | None = None):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if cfg.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
+        self.cfg = cfg
+        self.channels = channels
+        self.mean = _norm_stats(mean, DEFAULT_MEAN, channels, "mean")
+        self.std = _norm_stats(std, DEFAULT_STD, channels, "std")
+        self.global_scale = tuple(float(v) for v in (global_scale if global_scale is not None else cfg.global_scale))
+        self.local_scale = tuple(float(v) for v in (local_scale if local_scale is not None else cfg.local_scale))
+        for name, sc in (("global_scale", self.global_scale), ("local_scale", self.local_scale)):
+            if not (len(sc) == 2 and 0 < sc[0] <= sc[1] <= 1):
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {sc}")
+        self.num_views = 2 + cfg.num_local
+        self.sigma_scale = cfg.global_size / _BLUR_REFERENCE_SIZE
+        self._normalizer = _Normalizer(self.mean, self.std)
+        # the colour operations that can change anything for this data, in torchvision's order
+        self._jitter_ops = [k for k, on in enumerate((cfg.brightness > 0, cfg.contrast > 0,
+                                                      cfg.saturation > 0 and channels == 3,
+                                                      cfg.hue > 0 and channels == 3)) if on]
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"MultiCropAugment(2 x {c.global_size}px + {c.num_local} x {c.local_size}px, channels={self.channels}, "
+                f"global_scale={self.global_scale}, local_scale={self.local_scale}, interpolation={c.interpolation})")
+
+    # ------------------------------------------------------------------ public call
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError("the augmentation generator must be a CPU torch.Generator")
+        cfg = self.cfg
+        with torch.no_grad():
+            x = _check_images(images, self.channels)
+            pyramid = [x]
+            views = self._views(pyramid, 2, cfg.global_size, self.global_scale,
+                                (cfg.blur_p[0], cfg.blur_p[1]), (cfg.solarize_p[0], cfg.solarize_p[1]), generator)
+            if cfg.num_local > 0:
+                views += self._views(pyramid, cfg.num_local, cfg.local_size, self.local_scale,
+                                     (cfg.blur_p[2],) * cfg.num_local, (cfg.solarize_p[2],) * cfg.num_local,
+                                     generator)
+        return views
+
+    # ------------------------------------------------------------------ parameters, on the CPU
+    def _draw(self, b: int, nviews: int, size: int, height: int, width: int, scale: tuple[float, float],
+              blur_p: Sequence[float], solar_p: Sequence[float], generator: torch.Generator | None) -> dict:
+        """Every random choice for ``nviews`` views of ``b`` images, in a fixed amount and order."""
+        cfg = self.cfg
+        u = torch.rand((b, nviews, _N_RANDOM), generator=generator, dtype=torch.float64).numpy()
+        order = torch.randperm(4, generator=generator).tolist()
+
+        params = np.zeros((_N_PARAMS, b, nviews), dtype=np.float32)
+        top, left, h, w = _crop_boxes(u, height, width, scale, cfg.ratio)
+        flip = u[..., _C_FLIP] < cfg.flip_p
+        params[_P_AX] = np.where(flip, -w / width, w / width)
+        params[_P_TX] = (2 * left + w) / width - 1
+        params[_P_AY] = h / height
+        params[_P_TY] = (2 * top + h) / height - 1
+        # anti-aliasing level: the residual downscale factor at level L is max(h, w) / size / 2^L < 2
+        max_level = max(0, int(math.floor(math.log2(max(1, min(height, width))))))
+        levels = np.clip(np.floor(np.log2(np.maximum(h, w) / size)), 0, max_level).astype(np.int64)
+
+        jitter = u[..., _C_JITTER] < cfg.jitter_p
+        for col, amount in enumerate((cfg.brightness, cfg.contrast, cfg.saturation)):
+            lo, hi = max(0.0, 1.0 - amount), 1.0 + amount
+            params[_P_BRIGHTNESS + col] = np.where(jitter, lo + (hi - lo) * u[..., _C_FACTORS + col], 1.0)
+        params[_P_HUE] = np.where(jitter, cfg.hue * (2.0 * u[..., _C_FACTORS + 3] - 1.0), 0.0)
+
+        gray = (u[..., _C_GRAY] < cfg.grayscale_p) & (self.channels == 3)
+        params[_P_GRAY] = gray
+        blur = u[..., _C_BLUR] < np.asarray(blur_p, dtype=np.float64)
+        lo_s, hi_s = cfg.blur_sigma
+        sigma = (lo_s + (hi_s - lo_s) * u[..., _C_SIGMA]) * self.sigma_scale
+        params[_P_SIGMA] = np.where(blur, sigma, _NO_BLUR_SIGMA)
+        solar = u[..., _C_SOLAR] < np.asarray(solar_p, dtype=np.float64)
+        params[_P_SOLAR] = solar
+        return dict(params=params, order=order, levels=levels, jitter=bool(jitter.any()), gray=bool(gray.any()),
+                    blur=blur, sigma=sigma, solar=bool(solar.any()))
+
+    # ------------------------------------------------------------------ one crop resolution
+    def _views(self, pyramid: list[torch.Tensor], nviews: int, size: int, scale: tuple[float, float],
+               blur_p: Sequence[float], solar_p: Sequence[float],
+               generator: torch.Generator | None) -> list[torch.Tensor]:
+        cfg = self.cfg
+        x = pyramid[0]
+        b, c, height, width = x.shape
+        device = x.device
+        d = self._draw(b, nviews, size, height, width, scale, blur_p, solar_p, generator)
+        p = _to_device(d["params"], device)  # (_N_PARAMS, B, V) float32: one transfer
+
+        def col(i: int) -> torch.Tensor:  # a per-(sample, view) parameter, broadcast over (B, C, V, S, S)
+            return p[i].view(b, 1, nviews, 1, 1)
+
+        # ---- crop + flip: one grid_sample for all views of this resolution (per pyramid level used)
+        grid = _sampling_grid(p, b, nviews, size)
+        levels = d["levels"]
+        out = None
+        for level in np.unique(levels).tolist():
+            src = self._pyramid_level(pyramid, level)
+            res = F.grid_sample(src, grid, mode=cfg.interpolation, padding_mode="border", align_corners=False)
+            if out is None:
+                out = res
+            else:
+                weight = _to_device((levels == level).astype(np.float32), device).view(b, 1, nviews, 1, 1)
+                out.view(b, c, nviews, size, size).lerp_(res.view(b, c, nviews, size, size), weight)
+        x5 = out.view(b, c, nviews, size, size)  # (B, C, V, S, S), contiguous
+        if cfg.interpolation == "bicubic":
+            x5.clamp_(0.0, 1.0)
+
+        # ---- colour jitter, in one shuffled order for the batch (identity factors where not jittered)
+        if cfg.jitter_p > 0 and d["jitter"]:
+            for k in d["order"]:
+                if k not in self._jitter_ops:
+                    continue
+                f = col(_P_BRIGHTNESS + k)
+                if k == 0:
+                    x5 = adjust_brightness(x5, f, inplace=True)
+                elif k == 1:
+                    x5 = adjust_contrast(x5, f, inplace=True)
+                elif k == 2:
+                    x5 = adjust_saturation(x5, f, inplace=True)
+                else:
+                    x5 = adjust_hue(x5, f)
+        # ---- grayscale (lerp with a 0/1 weight is exact at both ends)
+        if d["gray"]:
+            x5 = x5.lerp_(rgb_to_grayscale(x5).expand_as(x5), col(_P_GRAY))
+        # ---- gaussian blur
+        blur = d["blur"]
+        n_blur = int(blur.sum())
+        if n_blur:
+            ksize = _kernel_size(float(d["sigma"][blur].max()), size, size)
+            if ksize > 1:
+                x5 = self._blur(x5, p[_P_SIGMA], blur, ksize)
+        # ---- solarize
+        if d["solar"]:
+            x5 = solarize(x5, col(_P_SOLAR), inplace=True)
+        # ---- normalise into (V, B, C, S, S): every view a contiguous (B, C, S, S) tensor
+        mean, inv_std = self._normalizer.constants(device, 5, 2)
+        result = torch.empty((nviews, b, c, size, size), device=device, dtype=torch.float32)
+        torch.sub(x5.permute(2, 0, 1, 3, 4), mean, out=result)
+        result.mul_(inv_std)
+        return list(result.unbind(0))
+
+    @staticmethod
+    def _blur(x5: torch.Tensor, sigma: torch.Tensor, blur: np.ndarray, ksize: int) -> torch.Tensor:
+        """Blur the (sample, view) pairs where ``blur`` is true. ``sigma`` (B, V) on the device holds
+        a tiny sigma (an exact identity kernel) elsewhere. When most pairs are blurred, every plane
+        goes through the convolution; otherwise only the selected planes are gathered."""
+        b, c, nviews, size, _ = x5.shape
+        weights = _gaussian_kernels(sigma, ksize).view(b, 1, nviews, ksize).expand(b, c, nviews, ksize)
+        weights = weights.reshape(b * c * nviews, ksize)
+        planes = x5.reshape(b * c * nviews, size, size)
+        if blur.mean() >= 0.5:
+            return _blur_planes(planes, weights).view_as(x5)
+        rows = np.flatnonzero(np.broadcast_to(blur.reshape(b, 1, nviews), (b, c, nviews)))
+        rows_d = _to_device(rows, x5.device)
+        blurred = _blur_planes(planes.index_select(0, rows_d), weights.index_select(0, rows_d))
+        planes.index_copy_(0, rows_d, blurred)  # planes is a view of x5 (x5 is contiguous)
+        return x5
+
+    @staticmethod
+    def _pyramid_level(pyramid: list[torch.Tensor], level: int) -> torch.Tensor:
+        """Level ``level`` of the anti-aliasing mip-map (level 0 = the images), built on demand."""
+        while len(pyramid) <= level:
+            prev = pyramid[-1]
+            hh, ww = max(1, prev.shape[-2] // 2), max(1, prev.shape[-1] // 2)
+            pyramid.append(F.interpolate(prev, size=(hh, ww), mode="bilinear", align_corners=False, antialias=True))
+        return pyramid[level]
+
+
+class EvalTransform:
+    """uint8 (B, C, H, W) -> normalised float32 (B, C, size, size), on the input's device.
+
+    Resizes only when the images are not already ``size`` x ``size`` (bilinear, anti-aliased when
+    shrinking; non-square images are stretched to the square). mean/std as in
+    :class:`MultiCropAugment` (default 0.5 / 0.5)."""
+
+    def __init__(self, size: int, channels: int, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.size = int(size)
+        self.channels = channels
+        self.mean = _norm_stats(mean, DEFAULT_MEAN, channels, "mean")
+        self.std = _norm_stats(std, DEFAULT_STD, channels, "std")
+        self._normalizer = _Normalizer(self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size}, channels={self.channels})"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = _check_images(images, self.channels)
+            h, w = x.shape[-2:]
+            if (h, w) != (self.size, self.size):
+                shrink = h > self.size or w > self.size
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                  antialias=shrink)
+            mean, inv_std = self._normalizer.constants(x.device, 4, 1)
+            if x.data_ptr() == images.data_ptr():  # a float32 input used as is: do not modify it
+                x = x - mean
+            else:
+                x = x.sub_(mean)
+            return x.mul_(inv_std)
+
+
+def dataset_stats(images_uint8, chunk_elements: int = 1 << 24) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (population) in [0, 1] units of a uint8 image
+    array (N, C, H, W) (torch tensor or numpy array), computed exactly in integer arithmetic,
+    a chunk of images at a time (about ``chunk_elements`` values per chunk). A channel with no
+    variation gets std 1.0 so that normalising by it is harmless."""
+    x = images_uint8 if torch.is_tensor(images_uint8) else torch.as_tensor(images_uint8)
+    if x.dim() != 4:
+        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {x.dtype}")
+    n, c, h, w = x.shape
+    if n == 0:
+        raise ValueError("no images to compute statistics from")
+    step = max(1, chunk_elements // max(1, c * h * w))
+    total = torch.zeros(c, dtype=torch.int64)
+    total_sq = torch.zeros(c, dtype=torch.int64)
+    for start in range(0, n, step):
+        chunk = x[start:start + step].to("cpu")
+        total += chunk.sum(dim=(0, 2, 3), dtype=torch.int64)
+        wide = chunk.to(torch.int32)
+        total_sq += (wide * wide).sum(dim=(0, 2, 3), dtype=torch.int64)
+    count = n * h * w
+    mean = total.double() / count
+    var = (total_sq.double() / count - mean.square()).clamp_min(0.0)
+    mean01 = (mean / 255.0).tolist()
+    std01 = (var.sqrt() / 255.0).tolist()
+    std01 = [s if s > 1e-8 else 1.0 for s in std01]
+    return mean01, std01
