@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from twist import distributed as tdist
 from twist.evaluate import cluster_metrics, knn_top1
 
 
@@ -74,17 +75,52 @@ def evaluate_model(model, val, transform, *, device, precision: str = "fp32", ba
     kNN uses ``memory`` (a labelled training set) as the bank when given; otherwise ``val``
     itself with leave-one-out (each query's own feature excluded from its neighbours).
     """
+    if tdist.is_distributed():
+        return _evaluate_distributed(model, val, transform, device=device, precision=precision, batch_size=batch_size,
+                                     memory=memory, k=k, temperature=temperature, channels_last=channels_last)
     res = extract(model, val, transform, device=device, precision=precision, batch_size=batch_size,
                   channels_last=channels_last)
+    return _metrics(res, val, memory, k, temperature,
+                    lambda: extract(model, memory, transform, device=device, precision=precision,
+                                    batch_size=batch_size, want_probs=False, channels_last=channels_last)["features"])
+
+
+def _metrics(res: dict[str, torch.Tensor], val, memory, k: int, temperature: float,
+             bank_features: Callable[[], torch.Tensor]) -> dict[str, Any]:
     labels = np.asarray(val.labels)
     pred = res["probs"].argmax(1).numpy()
     metrics = cluster_metrics(labels, pred, num_clusters=res["probs"].shape[1])
     out = {key: metrics[key] for key in ("acc", "nmi", "ami", "ari", "clusters_used")}
     if memory is not None and memory.labels is not None:
-        bank = extract(model, memory, transform, device=device, precision=precision, batch_size=batch_size,
-                       want_probs=False, channels_last=channels_last)["features"]
+        bank = bank_features()
         out["knn_top1"] = knn_top1(bank, memory.labels, res["features"], labels, k=k, temperature=temperature)
     else:
         out["knn_top1"] = knn_top1(res["features"], labels, res["features"], labels, k=k, temperature=temperature,
                                    exclude_self=True)
     return out
+
+
+def _evaluate_distributed(model, val, transform, *, device, precision: str, batch_size: int, memory, k: int,
+                          temperature: float, channels_last: bool) -> dict[str, Any]:
+    """:func:`evaluate_model` with several processes: same result as one process.
+
+    Every rank first takes rank 0's parameters and buffers (with NBS bunches smaller than the
+    world, ranks' running statistics differ after training; rank 0's are the ones saved in the
+    checkpoint), then extracts one disjoint contiguous shard of the images; rank 0 gathers the
+    shards in dataset order (no padding, so no duplicates), computes the metrics, and sends
+    them to every rank, so every rank returns the same dict.
+    """
+    tdist.broadcast_module_state(model)
+    device = torch.device(device)
+    comm = device if device.type == "cuda" else None
+
+    def sharded(dataset, want_probs: bool) -> dict[str, torch.Tensor | None]:
+        start, stop = tdist.shard(len(dataset))
+        part = extract(model, dataset, transform, device=device, precision=precision, batch_size=batch_size,
+                       want_probs=want_probs, indices=np.arange(start, stop), channels_last=channels_last)
+        return {key: tdist.gather_rows(value, len(dataset), device=comm) for key, value in part.items()}
+
+    res = sharded(val, want_probs=True)
+    bank = sharded(memory, want_probs=False)["features"] if memory is not None and memory.labels is not None else None
+    out = _metrics(res, val, memory, k, temperature, lambda: bank) if tdist.rank() == 0 else None
+    return tdist.broadcast_object(out)

@@ -186,9 +186,13 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
         teacher = make_teacher(model)
     if world > 1:
-        from twist.parallel import wrap_distributed
+        from twist.parallel import convert_sync_batchnorm, wrap_distributed
 
+        # backbone + hidden head BNs synchronised over all ranks, the NBS within bunches of ranks
         model = wrap_distributed(model, cfg.model.bunch_size, cfg.train.batch_size, device)
+        if teacher is not None:
+            convert_sync_batchnorm(teacher, cfg.model.bunch_size, cfg.train.batch_size, device)
+        seed_everything(cfg.train.seed + 7919 * rank)  # per-rank streams for dropout / drop-path
     criterion = TwistLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau, cfg.loss.eps)
     augment = MultiCropAugment(cfg.augment, dataset.channels, mean, std)
     eval_transform = EvalTransform(cfg.augment.global_size, dataset.channels, mean, std)
@@ -213,8 +217,12 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     # ---- resume
     state = RunState()
     ckpt_path = out / CHECKPOINT_NAME
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+    # Rank 0 alone decides and reads; every rank gets its checkpoint (the run folder need not
+    # be on a file system every node sees, and no rank can read a half-written file).
+    ckpt = load_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
+    if world > 1:
+        ckpt = tdist.broadcast_object(ckpt)
+    if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -344,6 +352,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                              progress=progress) or last
     if writer is not None:
         writer.close()
+    tdist.barrier()  # no rank leaves before rank 0 has written its last files
     return last
 
 
@@ -370,7 +379,8 @@ def train_step(model: nn.Module, criterion: TwistLoss, optimizer: torch.optim.Op
         scaler.unscale_(optimizer)
     else:
         terms.loss.backward()
-    if not _all_finite(terms.loss, model):
+    # every process must take the same decision (a rank-local loss can be non-finite alone)
+    if not tdist.all_true(_all_finite(terms.loss, model), device):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
