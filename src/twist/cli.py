@@ -1,7 +1,9 @@
 """The ``twist`` command line: a thin layer over the Python API.
 
     twist train [DATA] --out DIR [--preset NAME] [--epochs N] [--set key=value ...]
-    twist eval CHECKPOINT DATA [--json]
+    twist eval CHECKPOINT DATA [--protocol cluster,knn,linear,semi] [--train-data TRAIN] [--json]
+    twist predict CHECKPOINT IMAGES --out predictions.csv [--embeddings emb.npy]
+    twist report RUN_DIR_OR_CHECKPOINT [DATA] --out report/
 
 User errors (bad options, missing files, unusable data) print one line starting with
 ``twist: error:`` and exit with status 2; no traceback.
@@ -56,20 +58,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and schedule, then exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="cluster metrics and kNN of a trained model on labelled data",
-                       description="Evaluate a checkpoint: unsupervised cluster ACC/NMI/AMI/ARI (argmax of the softmax) "
-                                   "and kNN top-1 (cosine, k=20, T=0.07) on backbone features.")
+    p = sub.add_parser("eval", help="evaluation protocols: cluster metrics, kNN, linear probe, semi-supervised",
+                       description="Evaluate a checkpoint on a train / test split (docs/evaluation.md). Protocols: "
+                                   "cluster (ACC/NMI/AMI/ARI, mapped top-5, confusion matrix), knn (cosine, k=20 and "
+                                   "200, T=0.07), linear (frozen backbone, SGD + cosine), semi (fine-tuning on 1% and "
+                                   "10% of the labels). Splits: --train-data TRAIN with DATA as test; a folder of npz "
+                                   "splits (train vs test); an image folder with train/ and test/; otherwise (digits, "
+                                   "one npz, a plain folder) a seeded stratified 80/20 split. Each protocol writes "
+                                   "<out-dir>/<protocol>.json.")
     p.add_argument("checkpoint", help="a checkpoint file or a run folder (its latest checkpoint)")
     p.add_argument("data", help=f"labelled evaluation data: {DATA_HELP}")
-    p.add_argument("--split", default="test", help="split to read from a folder of npz splits (default: test)")
-    p.add_argument("--memory", default=None, help="labelled data used as the kNN memory bank "
-                                                 "(default: leave-one-out on DATA itself)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--protocol", default="cluster,knn",
+                   help="comma-separated protocols among cluster, knn, linear, semi, or 'all' (default: cluster,knn)")
+    p.add_argument("--train-data", "--memory", dest="train_data", default=None,
+                   help="labelled training data (kNN memory, probe / fine-tuning set); DATA is then the test set")
+    p.add_argument("--split", default="test", help="test split of a folder of npz splits (default: test)")
+    p.add_argument("--train-split", default="train", help="train split of a folder of npz splits (default: train)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="held-out fraction when DATA has a single split (default: 0.2)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that stratified split (default: 0)")
+    p.add_argument("--out-dir", default=None, help="folder for the JSON files and the confusion matrix "
+                                                   "(default: RUN/eval next to the checkpoint)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (keyed by protocol) on stdout")
+    p.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size")
+    p.add_argument("--knn-k", default="20,200", help="comma-separated k values (default: 20,200)")
+    p.add_argument("--knn-temperature", type=float, default=0.07)
+    p.add_argument("--linear-epochs", type=int, default=100)
+    p.add_argument("--linear-lr", type=float, default=None, help="default: 0.1 x batch / 256 (standardised features)")
+    p.add_argument("--linear-batch-size", type=int, default=256)
+    p.add_argument("--linear-weight-decay", type=float, default=0.0)
+    p.add_argument("--linear-aug", action="store_true",
+                   help="random-resized-crop + flip with features recomputed every epoch (slow) instead of "
+                        "features computed once and cached")
+    p.add_argument("--semi-fractions", default="0.01,0.1", help="label fractions (default: 0.01,0.1)")
+    p.add_argument("--semi-epochs", type=int, default=20)
+    p.add_argument("--semi-min-steps", type=int, default=100, help="at least this many fine-tuning steps")
+    p.add_argument("--semi-batch-size", type=int, default=64)
+    p.add_argument("--semi-lr-backbone", type=float, default=0.01)
+    p.add_argument("--semi-lr-head", type=float, default=0.1)
+    p.add_argument("--semi-precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe, the label subsets and fine-tuning")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="cluster id, confidence and top-3 per image (CSV), optional embeddings",
+                       description="Predict clusters for every image of IMAGES (streamed in batches, any size): one "
+                                   "CSV row per image (index, path, cluster, confidence, top-3 clusters with "
+                                   "probabilities, label when known); --embeddings writes the backbone features "
+                                   "(float32 .npy, same order).")
+    p.add_argument("checkpoint", help="a checkpoint file or a run folder (its latest checkpoint)")
+    p.add_argument("images", help=f"images: {DATA_HELP}")
+    p.add_argument("--out", required=True, metavar="CSV", help="predictions CSV to write")
+    p.add_argument("--embeddings", default=None, metavar="NPY", help="also write the (N, D) float32 features here")
+    p.add_argument("--split", default="train", help="split of a folder of npz splits (default: train)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes (0: threads)")
+    p.add_argument("--bad-files", default="skip", choices=["skip", "stop"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="self-contained HTML report: curves, cluster gallery, sizes, confusion",
+                       description="Write OUT/index.html: training curves from RUN/metrics.jsonl, cluster sizes, the "
+                                   "confusion matrix (labelled data) and a gallery of each cluster's most confident "
+                                   "images. No network needed to view it.")
+    p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("data", nargs="?", default=None,
+                   help="images for the gallery (default: the run's training data, stored in the checkpoint)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/report)")
+    p.add_argument("--per-cluster", type=int, default=12, help="thumbnails per cluster (default: 12)")
+    p.add_argument("--max-clusters", type=int, default=100, help="gallery sections, largest clusters first")
+    p.add_argument("--thumbs-as-files", action="store_true",
+                   help="write thumbnails to OUT/thumbs/ instead of embedding them in the page")
+    p.add_argument("--split", default="train", help="split of a folder of npz splits (default: train)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -123,25 +195,75 @@ def _print_metrics(record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- eval
+def _float_list(text: str, flag: str, cast=float) -> tuple:
+    try:
+        return tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from twist.data import DataError, load_dataset
-    from twist.inference import evaluate_model
+    from twist.protocols import EvalOptions, default_eval_dir, parse_protocols, run_protocols, split_for_eval
+    from twist.serving import load_trained
+
+    protocols = parse_protocols(args.protocol)
+    options = EvalOptions(
+        batch_size=args.batch_size, knn_k=_float_list(args.knn_k, "--knn-k", int),
+        knn_temperature=args.knn_temperature, linear_epochs=args.linear_epochs, linear_lr=args.linear_lr,
+        linear_batch_size=args.linear_batch_size, linear_weight_decay=args.linear_weight_decay,
+        linear_aug=args.linear_aug, semi_fractions=_float_list(args.semi_fractions, "--semi-fractions"),
+        semi_epochs=args.semi_epochs, semi_min_steps=args.semi_min_steps, semi_batch_size=args.semi_batch_size,
+        semi_lr_backbone=args.semi_lr_backbone, semi_lr_head=args.semi_lr_head, semi_precision=args.semi_precision,
+        seed=args.seed)
+    trained = load_trained(args.checkpoint, device=args.device, trust_pickle=args.trust_pickle)
+    train_ds, test_ds, split_info = split_for_eval(
+        args.data, train_data=args.train_data, image_size=trained.image_size, split=args.split,
+        train_split=args.train_split, test_fraction=args.test_fraction, seed=args.split_seed,
+        progress=not args.no_progress)
+    out_dir = Path(args.out_dir) if args.out_dir else default_eval_dir(trained.path)
+    results = run_protocols(trained, train_ds, test_ds, protocols, out_dir=out_dir, options=options,
+                            progress=not args.no_progress,
+                            extra={"checkpoint": str(args.checkpoint), "split": split_info})
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    lines = {"cluster": lambda r: f"ACC {r['acc']:.4f}  NMI {r['nmi']:.4f}  AMI {r['ami']:.4f}  ARI {r['ari']:.4f}  "
+                                  f"top-5 {r['top5']:.4f}  clusters used {r['clusters_used']}/{r['num_clusters']}",
+             "knn": lambda r: "  ".join(f"k={k} top-1 {r[f'top1_k{k}']:.4f}" for k in r["k"]),
+             "linear": lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['epochs']} epochs)",
+             "semi": lambda r: "  ".join(f"{tag} ({s['num_labels']} labels) top-1 {s['top1']:.4f}"
+                                         for tag, s in r["fractions"].items())}
+    print(f"train: {train_ds.name} ({len(train_ds)} images)  test: {test_ds.name} ({len(test_ds)} images)")
+    for name, r in results.items():
+        print(f"{name:>8}: {lines[name](r)}")
+    print(f"results: {out_dir}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from twist.predict import predict
     from twist.serving import load_trained
 
     trained = load_trained(args.checkpoint, device=args.device, trust_pickle=args.trust_pickle)
-    data = load_dataset(args.data, args.split, image_size=trained.image_size, progress=False)
-    if data.labels is None:
-        raise DataError(f"{args.data} has no labels; evaluation needs labelled data")
-    memory = load_dataset(args.memory, "train", image_size=trained.image_size, progress=False) if args.memory else None
-    if memory is not None and memory.labels is None:
-        raise DataError(f"--memory {args.memory} has no labels")
-    record = evaluate_model(trained.model, data, trained.eval_transform, device=trained.device,
-                            precision=trained.precision, batch_size=args.batch_size, memory=memory)
-    record = {"checkpoint": str(args.checkpoint), "data": args.data, "num_samples": len(data), **record}
-    if args.json:
-        print(json.dumps(record))
-    else:
-        _print_metrics(record)
+    res = predict(trained, args.images, args.out, embeddings=args.embeddings, batch_size=args.batch_size,
+                  split=args.split, num_workers=args.num_workers, bad_files=args.bad_files,
+                  progress=not args.no_progress)
+    print(f"{res['num_images']} predictions -> {res['csv']}" + (f", embeddings -> {res['embeddings']}"
+                                                               if res["embeddings"] else ""))
+    print(f"clusters used: {res['clusters_used']} of {len(res['cluster_counts'])}"
+          + (f"; {res['skipped']} file(s) skipped" if res["skipped"] else ""))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from twist.checkpoint import resolve_checkpoint
+    from twist.report import report
+
+    out = Path(args.out) if args.out else resolve_checkpoint(args.run).parent / "report"
+    res = report(args.run, args.data, out, per_cluster=args.per_cluster, max_clusters=args.max_clusters,
+                 embed_images=not args.thumbs_as_files, batch_size=args.batch_size, device=args.device,
+                 split=args.split, trust_pickle=args.trust_pickle, progress=not args.no_progress)
+    print(f"report -> {res['html']} ({res['num_images']} images, {res['clusters_shown']} cluster sections)")
     return 0
 
 
