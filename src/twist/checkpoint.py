@@ -66,6 +66,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def unsafe_globals(path: str | Path) -> list[str]:
+    """The globals (classes, functions) a torch file's pickle refers to beyond what
+    ``weights_only`` loading allows, found by scanning the pickle without executing it
+    (empty when the file cannot be scanned, e.g. the legacy non-zip format)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return []
+
+
 def load_checkpoint(path: str | Path, trust_pickle: bool = False, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict.
 
@@ -77,11 +87,15 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False, map_location: 
     path = resolve_checkpoint(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
+        found = unsafe_globals(path)
+        hint = (" It looks like a checkpoint of the authors' release (its only extra object is the args "
+                "Namespace): import it safely with `twist import FILE --out RUN_DIR`."
+                if found == ["argparse.Namespace"] else "")
         raise CheckpointError(
-            f"{path} holds Python objects other than tensors and plain containers, so it was not "
-            f"loaded (loading it could execute code). If you trust this file, pass --trust-pickle "
-            f"(Python: trust_pickle=True). Detail: {str(exc).splitlines()[0]}"
+            f"{path} holds Python objects other than tensors and plain containers"
+            f"{' (' + ', '.join(found) + ')' if found else ''}, so it was not loaded (loading it could "
+            f"execute code).{hint} If you trust this file, pass --trust-pickle (Python: trust_pickle=True)."
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None

@@ -224,7 +224,12 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         ckpt = tdist.broadcast_object(ckpt)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("optimizer") is None:  # imported weights (twist import): fresh optimiser and schedule
+            if main:
+                print(f"twist: {ckpt_path} holds weights without optimiser state; starting a fresh optimiser",
+                      file=sys.stderr)
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if teacher is not None and ckpt.get("teacher"):
