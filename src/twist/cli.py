@@ -142,11 +142,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("import", help="import a checkpoint of the authors' release as a twist run folder",
+                       description="Convert a release checkpoint (full training file or backbone-only state dict; "
+                                   "ResNet-50, ResNet-50w2, ViT-S/B) into a twist checkpoint that eval, predict, "
+                                   "report and export use and that `twist train DATA --out RUN_DIR` trains further. "
+                                   "Files are read without executing code unless --trust-pickle is given.")
+    p.add_argument("release_file", metavar="RELEASE_FILE", help="the release's .pth file (or a .safetensors backbone)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (checkpoint.pt + config.json)")
+    p.add_argument("--arch", default=None, choices=["resnet50", "resnet50w2", "vit_small", "vit_base"],
+                   help="expected architecture; an error if the weights say otherwise (default: read from the shapes)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="C",
+                   help="C of the fresh head for backbone-only files (default: the file's args, else 1000); "
+                        "full files keep their head, whose C must then match")
+    p.add_argument("--use-teacher", action="store_true", help="import the EMA teacher's weights (EMA runs)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in RUN_DIR")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load with full unpickling (can execute code from the file; trusted files only)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="export the backbone (and head) for torchvision, timm, safetensors or detectron2",
+                       description="Write a checkpoint's backbone in another library's format: torchvision / timm "
+                                   "(strict load into the library's model without classifier), safetensors (+ metadata), "
+                                   "detectron2 (.pkl of numpy arrays, ResNets). See docs/interop.md.")
+    p.add_argument("checkpoint", help="a checkpoint file or a run folder (its latest checkpoint)")
+    p.add_argument("--format", required=True, choices=["torchvision", "timm", "safetensors", "detectron2"])
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--head-out", default=None, metavar="FILE",
+                   help="also write the projection head + NBS (.safetensors by suffix, else a torch file)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 # ---------------------------------------------------------------------- train
 def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
+    if not args.config and not args.preset and args.out and (Path(args.out) / "config.json").is_file():
+        # a run folder being resumed (or holding an imported release model) keeps its own configuration
+        args.config = str(Path(args.out) / "config.json")
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -264,6 +298,29 @@ def cmd_report(args: argparse.Namespace) -> int:
                  embed_images=not args.thumbs_as_files, batch_size=args.batch_size, device=args.device,
                  split=args.split, trust_pickle=args.trust_pickle, progress=not args.no_progress)
     print(f"report -> {res['html']} ({res['num_images']} images, {res['clusters_shown']} cluster sections)")
+    return 0
+
+
+# ---------------------------------------------------------------------- import / export
+def cmd_import(args: argparse.Namespace) -> int:
+    from twist.release import import_release, main_summary
+
+    result = import_release(args.release_file, args.out, arch=args.arch, num_classes=args.num_classes,
+                            trust_pickle=args.trust_pickle, use_teacher=args.use_teacher, force=args.force)
+    print(main_summary(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from twist.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.format, args.out, head_out=args.head_out,
+                               trust_pickle=args.trust_pickle)
+    print(f"exported {result.arch} backbone ({result.feature_dim}-d features, {result.num_tensors} tensors) "
+          f"as {result.format} -> {result.path}")
+    if result.head_path is not None:
+        print(f"head -> {result.head_path}")
+    print(f"load it with: {result.usage}")
     return 0
 
 
