@@ -244,18 +244,24 @@ def _forbid_writes() -> None:
     pathlib.Path.write_bytes = refuse
 
 
+def _digits_cfg(batch_size: int = 64):
+    from twist.config import apply_overrides, get_preset
+
+    return apply_overrides(get_preset("digits"), [
+        "train.epochs=2", f"train.batch_size={batch_size}", "train.eval_every=1", "train.device=cpu",
+        "train.precision=fp32", "model.small_cnn_width=4", "model.hidden_dim=32", "model.bunch_size=128",
+        "optim.warmup_epochs=1"])
+
+
 def _train_child(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if rank != 0:
         _forbid_writes()
-    from twist.config import apply_overrides, get_preset
     from twist.train import train
 
-    cfg = apply_overrides(get_preset("digits"), [
-        "train.epochs=2", "train.batch_size=64", "train.eval_every=1", "train.device=cpu", "train.precision=fp32",
-        "model.small_cnn_width=4", "model.hidden_dim=32", "model.bunch_size=128", "optim.warmup_epochs=1"])
+    cfg = _digits_cfg()
     out = Path(out_dir)
     try:
         train(cfg, "digits", out / "straight", progress=False)
@@ -284,4 +290,11 @@ def test_torchrun_style_training_and_resume(tmp_path):
     assert _max_diff(a["model"], b["model"]) < 1e-6
     ra = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert rb[-1]["acc"] == pytest.approx(ra[-1]["acc"], abs=1e-6)
+    for key in ("acc", "knn_top1", "loss", "diversity"):  # the resumed epoch's logged means are whole
+        assert rb[-1][key] == pytest.approx(ra[-1][key], abs=1e-6), key
+
+    # one process cannot silently continue a 2 x 64 run with batch 64: the schedule would differ
+    from twist.train import TrainingError, train
+
+    with pytest.raises(TrainingError, match="global batch 128"):
+        train(_digits_cfg(64), "digits", straight, progress=False)

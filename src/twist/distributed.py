@@ -75,7 +75,7 @@ def all_reduce_mean_nograd(x: torch.Tensor) -> torch.Tensor:
 def init_from_env(device_type: str) -> bool:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1).
 
-    NCCL for CUDA devices, gloo for CPUs; the rendezvous comes from the environment torchrun
+    NCCL for CUDA devices (plus gloo for CPU tensors), gloo for CPUs; the rendezvous comes from the environment torchrun
     (or a launcher setting RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) provides. Returns True
     when a group is initialised (by this call or before it). With WORLD_SIZE unset or 1 nothing
     in torch.distributed is called.
@@ -84,7 +84,9 @@ def init_from_env(device_type: str) -> bool:
         return False
     if dist.is_initialized():
         return True
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    # On GPUs, NCCL for CUDA tensors and gloo for the few CPU tensors (loss sums, flags,
+    # pickled objects) so that every collective works whatever device its tensor is on.
+    backend = "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return True
 

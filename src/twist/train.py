@@ -235,6 +235,15 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         if teacher is not None and ckpt.get("teacher"):
             teacher.load_state_dict(ckpt["teacher"])
         state = RunState(**ckpt["state"])
+        saved_world = len(ckpt.get("rng_per_rank") or {}) or 1
+        saved_train = ckpt["config"].get("train") if isinstance(ckpt.get("config"), dict) else None
+        saved_batch = saved_train.get("batch_size", cfg.train.batch_size) if isinstance(saved_train, dict) \
+            else cfg.train.batch_size
+        if state.global_step and saved_world * saved_batch != global_batch:
+            # steps per epoch, the schedules and the data order all follow the global batch
+            raise TrainingError(f"{ckpt_path} was written by {saved_world} process(es) x batch {saved_batch} = global "
+                                f"batch {saved_world * saved_batch}; resume with the same global batch (now {world} x "
+                                f"{cfg.train.batch_size} = {global_batch}), or start a new run folder")
         rng = ckpt.get("rng_per_rank", {}).get(str(rank))
         if rng is not None:
             _set_rng_state(rng, aug_gen)
