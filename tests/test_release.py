@@ -185,6 +185,21 @@ def test_old_head_names(tmp_path, images):
         import_release(src, tmp_path / "y", num_classes=10)
 
 
+def test_safetensors_backbone_with_classifier(tmp_path, images):
+    """A torchvision state dict with its fc, as safetensors: fc dropped, features kept."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    net = _randomise(torchvision.models.resnet18(), 3)
+    save_file(net.state_dict(), str(tmp_path / "r18.safetensors"))
+    result = import_release(tmp_path / "r18.safetensors", tmp_path / "run", num_classes=5)
+    assert any("fc.weight" in note for note in result.notes)
+    net.fc = nn.Identity()
+    with torch.no_grad():
+        features = load_trained(tmp_path / "run", device="cpu").model.features(images)
+        torch.testing.assert_close(features, net(images), atol=1e-5, rtol=0)
+
+
 def test_architecture_inferred_from_shapes():
     from twist.backbones import resnet50w2
 

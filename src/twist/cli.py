@@ -303,11 +303,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- import / export
 def cmd_import(args: argparse.Namespace) -> int:
-    from twist.release import import_release, main_summary
+    from twist.release import import_release, summary
 
     result = import_release(args.release_file, args.out, arch=args.arch, num_classes=args.num_classes,
                             trust_pickle=args.trust_pickle, use_teacher=args.use_teacher, force=args.force)
-    print(main_summary(result))
+    print(summary(result))
     return 0
 
 

@@ -59,18 +59,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from twist.checkpoint import CheckpointError, save_checkpoint
+from twist.checkpoint import CheckpointError, atomic_write, save_checkpoint
 from twist.config import ConfigError
 
 FORMATS = ("torchvision", "timm", "safetensors", "detectron2")
@@ -89,25 +87,6 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
-    """Write through ``write(file)`` into a temporary file next to ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def _detached(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies sharing no storage (safetensors refuses shared tensors)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
@@ -117,7 +96,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     from safetensors.torch import save
 
     data = save(_detached(tensors), metadata=metadata)
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------- detectron2
@@ -205,7 +184,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, head
                  f"net.load_state_dict(torch.load('{out}', weights_only=True), strict=True)")
     elif fmt == "timm":
         if vit:
-            name = f"{arch}_patch{cfg.model.patch_size}_224"
+            from twist.vit import DEFAULT_IMG_SIZE
+
+            name = f"{arch}_patch{cfg.model.patch_size}_{DEFAULT_IMG_SIZE}"
         else:
             _check_resnet(arch, cifar_stem, 3, fmt, TORCHVISION_RESNETS)  # timm ResNets take in_chans
             name = arch
@@ -228,7 +209,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, head
     else:  # detectron2
         _check_resnet(arch, cifar_stem, channels, fmt, TORCHVISION_RESNETS + ("resnet50w2",))
         data = detectron2_bytes(backbone)
-        _atomic_write(out, lambda f: f.write(data))
+        atomic_write(out, lambda f: f.write(data))
         mean, std = (trained.eval_transform.mean, trained.eval_transform.std)
         pixels = lambda v: "[" + ",".join(f"{255 * float(x):.3f}" for x in v) + "]"  # noqa: E731
         usage = (f"MODEL.WEIGHTS {out} MODEL.PIXEL_MEAN {pixels(mean)} MODEL.PIXEL_STD {pixels(std)} "

@@ -368,9 +368,6 @@ def _json_safe(value: Any) -> Any:
 # ---------------------------------------------------------------------- the import
 def _twist_state_dict(model: torch.nn.Module, backbone: dict, head: dict | None, what: str) -> dict:
     """The model's state dict with the release's backbone (and head) values, checked key by key."""
-    from twist.model import TwistModel
-
-    assert isinstance(model, TwistModel)
     target = model.state_dict()
     incoming = {"backbone." + k: v for k, v in backbone.items()}
     if head is not None:
@@ -476,7 +473,7 @@ def import_release(path: str | Path, out: str | Path, *, arch: str | None = None
     return ImportResult(target, cfg, weights.kind, notes)
 
 
-def main_summary(result: ImportResult) -> str:
+def summary(result: ImportResult) -> str:
     """One human-readable paragraph about an import (for the CLI)."""
     m = result.config.model
     lines = [f"imported {result.kind} release checkpoint -> {result.path}",
