@@ -56,12 +56,14 @@ from typing import Any
 import torch
 
 from twist.checkpoint import CHECKPOINT_NAME, FORMAT, CheckpointError, save_checkpoint, unsafe_globals
-from twist.config import ConfigError, TwistConfig, get_preset
+from twist.config import PRESETS, ConfigError, TwistConfig, get_preset
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 RELEASE_ARCHS = ("resnet50", "resnet50w2", "vit_small", "vit_base")
 """The architectures the release trained (the values ``--arch`` accepts)."""
+_RECIPES = {"resnet50w2": "rn50w2", "vit_small": "vit-small", "vit_base": "vit-base"}
+"""The preset whose recipe fills what a file's args do not say (ResNets: rn50-multicrop)."""
 
 _HEAD_PREFIXES = {
     "projection_head.": "projection_head.",
@@ -287,22 +289,12 @@ def _base_lr(args: dict[str, Any], key: str) -> float | None:
 def release_config(info: BackboneInfo, num_classes: int, hidden_dim: int, nbs: bool,
                    args: dict[str, Any] | None, notes: list[str]) -> TwistConfig:
     """A twist configuration for imported weights: architecture from shapes, recipe from args."""
-    vit = info.name.startswith("vit_")
-    cfg = get_preset("rn50-multicrop")
+    preset = _RECIPES.get(info.name, "rn50-multicrop")
+    cfg = get_preset(preset if preset in PRESETS else "rn50-multicrop")
     cfg.preset = "release-import"
     m = cfg.model
     m.backbone, m.cifar_stem, m.num_classes, m.hidden_dim, m.nbs = info.name, info.cifar_stem, num_classes, hidden_dim, nbs
     m.patch_size = info.patch_size
-    if vit:  # the ViT recipe of METHOD.md section 5
-        m.activation, m.drop_path = "gelu", 0.1
-        cfg.loss.alpha = 0.4
-        cfg.augment.num_local = 10
-        cfg.ema.enabled = True
-        cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.weight_decay_end = "adamw", 3e-4, 0.06, 0.12
-        cfg.optim.clip_grad = 3.0
-        cfg.selflabel.epochs = 0
-        cfg.train.epochs = 300
-    cfg.train.image_size = 224
     if args:
         a = args
         if a.get("act") in ("relu", "gelu"):
