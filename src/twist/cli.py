@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a config.json (from an earlier run) to start from instead of a preset")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--list-keys", action="store_true", help="print every settable key with its default and exit")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and schedule, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration (JSON, stdout) and the batch / schedule summary (stderr), "
+                        "then exit without training")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="processes assumed by --dry-run (default: $WORLD_SIZE, else the release's GPU count for its "
+                        "recipes, else 1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluation protocols: cluster metrics, kNN, linear probe, semi-supervised",
@@ -210,6 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.preset
     if args.dry_run:
         print(cfg.to_json())
+        print("\n".join(dry_run_summary(cfg, args.data, args.world_size)), file=sys.stderr)
         return 0
     from twist.train import train
 
@@ -217,6 +223,113 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {out}")
     _print_metrics(record)
     return 0
+
+
+def dataset_size(data: str) -> int | None:
+    """Number of training images of ``data`` without decoding any image: the built-in digits, an
+    npz file or a folder of npz splits (array headers only), an image folder (files with an
+    image extension). None when it cannot be told."""
+    import os
+    import zipfile
+
+    import numpy as np
+
+    def npz_rows(path: str) -> int:
+        with zipfile.ZipFile(path) as z, z.open("x.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0(f))[0]
+            return int(shape[0])
+
+    try:
+        if data == "digits":
+            return 1797
+        path = os.path.expanduser(data)
+        if os.path.isfile(path) and path.lower().endswith(".npz"):
+            return npz_rows(path)
+        if os.path.isdir(path):
+            names = sorted(os.listdir(path))
+            npz = [n for n in names if n.lower().endswith(".npz") and os.path.isfile(os.path.join(path, n))]
+            if npz:
+                train = [n for n in npz if n[:-4] == "train" or (n.startswith("train") and not n[5].isalpha())]
+                return sum(npz_rows(os.path.join(path, n)) for n in train) if train else None
+            from twist.data import IMAGE_EXTENSIONS
+
+            count = 0
+            for root, dirs, files in os.walk(path, followlinks=True):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                count += sum(1 for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            return count
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
+
+
+def dry_run_summary(cfg: TwistConfig, data: str, world_size: int | None = None) -> list[str]:
+    """What ``twist train --dry-run`` prints after the configuration: batch sizes, steps per
+    epoch, learning-rate / weight-decay / EMA schedules and the self-labeling stage."""
+    import os
+
+    from twist.config import IMAGENET_TRAIN_IMAGES, RECIPE_WORLD_SIZE
+
+    recipe = cfg.preset in RECIPE_WORLD_SIZE
+    if world_size is not None:
+        world, why = world_size, "--world-size"
+    elif os.environ.get("WORLD_SIZE"):
+        world, why = int(os.environ["WORLD_SIZE"]), "$WORLD_SIZE"
+    elif recipe:
+        world, why = RECIPE_WORLD_SIZE[cfg.preset], f"the release ran {cfg.preset} on this many GPUs; --world-size to change"
+    else:
+        world, why = 1, "one process; --world-size to change"
+    if world < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {world}")
+    if recipe and data == "digits":
+        n, source = IMAGENET_TRAIN_IMAGES, f"ImageNet-1k train, assumed for the {cfg.preset} recipe"
+    else:
+        n, source = dataset_size(data), data
+    t, o, sl, a = cfg.train, cfg.optim, cfg.selflabel, cfg.augment
+    global_batch = t.batch_size * world
+    lines = ["twist: dry run, nothing is trained"]
+    lines.append(f"  data: {f'{n:,} images' if n is not None else 'size unknown'} ({source})")
+    lines.append(f"  processes: {world} ({why})")
+    lines.append(f"  batch: {t.batch_size} per process x {world} = {global_batch} global")
+    steps = None
+    if n is not None:
+        steps = (n // world) // t.batch_size
+        if steps < 1:
+            lines.append(f"  steps/epoch: 0 -- the global batch {global_batch} is larger than the data ({n} images); "
+                         f"training would stop with an error")
+            steps = None
+        else:
+            lines.append(f"  steps/epoch: {steps:,} (last partial batch dropped)")
+
+    def count(epochs: float) -> str:
+        return f" = {round(epochs * steps):,} steps" if steps else ""
+
+    peak = o.lr * global_batch / 256
+    lines.append(f"  views: 2 x {a.global_size} px (scale {tuple(a.global_scale)})"
+                 + (f" + {a.num_local} x {a.local_size} px (scale {tuple(a.local_scale)})" if a.num_local else ""))
+    lines.append(f"  TWIST stage: {t.epochs} epochs{count(t.epochs)}; {o.name}; loss alpha {cfg.loss.alpha:g}, "
+                 f"beta {cfg.loss.beta:g}, tau {cfg.loss.tau:g}")
+    lines.append(f"    lr: {o.lr:g} x {global_batch}/256 = {peak:.6g} peak; linear warm-up from 0 over "
+                 f"{o.warmup_epochs:g} epochs{count(o.warmup_epochs)}; cosine to {peak * o.min_lr_ratio:.6g} "
+                 f"(x{o.min_lr_ratio:g})")
+    wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+    lines.append(f"    weight decay: {o.weight_decay:g}" + (f" -> {wd_end:g} cosine" if wd_end != o.weight_decay else " constant")
+                 + "; gradient clipping " + (f"{o.clip_grad:g}" if o.clip_grad > 0 else "off"))
+    lines.append("    EMA teacher: " + (f"momentum {cfg.ema.momentum:g} -> {cfg.ema.momentum_end:g} cosine"
+                                       if cfg.ema.enabled else "off"))
+    if sl.epochs > 0:
+        sl_peak = sl.lr * global_batch / 256
+        lines.append(f"  self-labeling stage: {sl.epochs} epochs{count(sl.epochs)} after TWIST "
+                     f"({t.epochs + sl.epochs} epochs in all); crops global {tuple(sl.global_scale)}, "
+                     f"local {tuple(sl.local_scale)}; quantile {sl.quantile_start:g} -> {sl.quantile_end:g} cosine")
+        lines.append(f"    lr: {sl.lr:g} x {global_batch}/256 = {sl_peak:.6g} peak; linear warm-up from 0 over "
+                     f"{sl.warmup_epochs:g} epochs{count(sl.warmup_epochs)}; cosine to {sl_peak * o.min_lr_ratio:.6g}; "
+                     f"weight decay {wd_end:g} constant")
+    else:
+        lines.append("  self-labeling stage: none")
+    return lines
 
 
 def _print_metrics(record: dict[str, Any]) -> None:

@@ -209,6 +209,12 @@ class TwistConfig:
         for name in ("blur_p", "solarize_p"):
             _check(all(0 <= p <= 1 for p in getattr(a, name)), f"augment.{name}", getattr(a, name), "probabilities in [0, 1]")
         _check(a.interpolation in ("bicubic", "bilinear"), "augment.interpolation", a.interpolation, "bicubic or bilinear")
+        if m.backbone.startswith("vit_"):
+            _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "a positive integer")
+            _check(a.global_size % m.patch_size == 0, "augment.global_size", a.global_size,
+                   f"a multiple of model.patch_size={m.patch_size} for ViT backbones")
+            _check(a.num_local == 0 or a.local_size % m.patch_size == 0, "augment.local_size", a.local_size,
+                   f"a multiple of model.patch_size={m.patch_size} for ViT backbones")
         _check(o.name in ("sgd", "lars", "adamw"), "optim.name", o.name, "sgd, lars or adamw")
         _check(o.lr > 0, "optim.lr", o.lr, "positive")
         _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
@@ -433,6 +439,71 @@ def _release_rn50_twoview() -> TwistConfig:
     return c
 
 
+def _release_rn50w2() -> TwistConfig:
+    """The release's ResNet-50w2 multi-crop recipe: 200 epochs of TWIST then 50 of self-labeling.
+
+    Global batch 1920 = 32 GPUs x 60 images, NBS bunches of 240 images (4 GPUs); otherwise the
+    ResNet-50 multi-crop recipe (LARS lr 0.5 x B/256, wd 1.5e-6, 2 x 224 + 12 x 96 px crops).
+    """
+    c = _release_rn50_multicrop()
+    c.preset = "rn50w2"
+    c.model.backbone = "resnet50w2"
+    c.model.bunch_size = 240
+    c.train.epochs = 200
+    c.train.batch_size = 60
+    return c
+
+
+def _release_vit_small() -> TwistConfig:
+    """The release's ViT-S/16 (DeiT-S) recipe (METHOD.md sections 3-5, 7).
+
+    Global batch 1024 = 16 GPUs x 64 images (``train.batch_size`` is per process), AdamW at
+    3e-4 x B/256, weight decay cosine 0.06 -> 0.12, 10 warm-up epochs, 300 epochs, gradient
+    clipping 3.0, alpha 0.4 / beta 1 with the EMA teacher (0.996 -> 1), GELU head, 2 x 224 +
+    6 x 96 px crops, no stochastic depth, no self-labeling.
+    """
+    c = TwistConfig(preset="vit-small")
+    c.model = ModelConfig(backbone="vit_small", patch_size=16, drop_path=0.0, num_classes=4096, hidden_dim=4096,
+                          activation="gelu", bunch_size=256)
+    c.loss = LossConfig(alpha=0.4, beta=1.0, tau=1.0, eps=1e-5)
+    c.augment = AugmentConfig(global_size=224, local_size=96, num_local=6, global_scale=(0.4, 1.0),
+                              local_scale=(0.05, 0.4))
+    c.optim = OptimConfig(name="adamw", lr=3e-4, warmup_epochs=10, weight_decay=0.06, weight_decay_end=0.12,
+                          min_lr_ratio=0.001, betas=(0.9, 0.999), clip_grad=3.0)
+    c.ema = EMAConfig(enabled=True, momentum=0.996, momentum_end=1.0)
+    c.selflabel = SelfLabelConfig(epochs=0)
+    c.train = TrainConfig(epochs=300, batch_size=64, image_size=256)
+    return c
+
+
+def _release_vit_base() -> TwistConfig:
+    """The release's ViT-B/16 recipe: as ViT-S but 32 GPUs x 32 images (global batch 1024),
+    AdamW at 7.5e-4 x B/256, constant weight decay 0.06, stochastic depth 0.1, 10 local crops."""
+    c = _release_vit_small()
+    c.preset = "vit-base"
+    c.model.backbone = "vit_base"
+    c.model.drop_path = 0.1
+    c.augment.num_local = 10
+    c.optim.lr = 7.5e-4
+    c.optim.weight_decay_end = 0.06
+    c.train.batch_size = 32
+    return c
+
+
+RECIPE_WORLD_SIZE: dict[str, int] = {
+    "rn50-multicrop": 16,
+    "rn50-twoview": 16,
+    "rn50w2": 32,
+    "vit-small": 16,
+    "vit-base": 32,
+}
+"""Processes (GPUs) the release's recipes ran on: ``train.batch_size`` is per process, so the
+global batch of a recipe is ``batch_size x`` this. These recipes are ImageNet-sized."""
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+"""Images in the ImageNet-1k training set (for schedule summaries of the ImageNet recipes)."""
+
+
 PRESETS: dict[str, Callable[[], TwistConfig]] = {
     "digits": _digits,
     "mnist": _mnist,
@@ -440,6 +511,9 @@ PRESETS: dict[str, Callable[[], TwistConfig]] = {
     "cifar10-gpu": _cifar10_gpu,
     "rn50-multicrop": _release_rn50_multicrop,
     "rn50-twoview": _release_rn50_twoview,
+    "rn50w2": _release_rn50w2,
+    "vit-small": _release_vit_small,
+    "vit-base": _release_vit_base,
 }
 
 

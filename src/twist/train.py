@@ -228,10 +228,10 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             if main:
                 print(f"twist: {ckpt_path} holds weights without optimiser state; starting a fresh optimiser",
                       file=sys.stderr)
-        else:
+        elif ckpt.get("stage", "twist") == "twist":  # a self-labeling checkpoint holds that stage's optimiser
             optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
         if teacher is not None and ckpt.get("teacher"):
             teacher.load_state_dict(ckpt["teacher"])
         state = RunState(**ckpt["state"])
@@ -363,7 +363,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         from twist.selflabel import run_selflabel
 
         last = run_selflabel(cfg, model, teacher, dataset, val, out, device, precision, mean, std,
-                             progress=progress) or last
+                             progress=progress,
+                             max_steps=None if max_steps is None else max_steps - state.global_step) or last
     if writer is not None:
         writer.close()
     tdist.barrier()  # no rank leaves before rank 0 has written its last files
