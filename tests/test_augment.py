@@ -125,38 +125,54 @@ def test_input_checks():
 
 
 # ---------------------------------------------------------------------------- crop and flip
+@pytest.mark.parametrize("resample", ["grid", "separable"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_flip_only_equals_torch_flip(interpolation):
+def test_flip_only_equals_torch_flip(interpolation, resample):
     cfg = _plain(flip_p=1.0, interpolation=interpolation, ratio=(3 / 4, 4 / 3))
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
     x = _images()
-    views = MultiCropAugment(cfg, 3, mean, std)(x, _gen())
+    views = MultiCropAugment(cfg, 3, mean, std, resample=resample)(x, _gen())
     ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     for v in views:
         torch.testing.assert_close(v, torch.flip(ref, dims=[-1]), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("resample", ["grid", "separable"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_full_crop_equals_plain_resize(interpolation):
+def test_full_crop_equals_plain_resize(interpolation, resample):
     cfg = _plain(interpolation=interpolation, global_size=28)  # 48 -> 28: below 2x, no pyramid
     x = _images(h=48, w=48)
-    views = MultiCropAugment(cfg, 3, ID_MEAN, ID_STD)(x, _gen())
+    views = MultiCropAugment(cfg, 3, ID_MEAN, ID_STD, resample=resample)(x, _gen())
     ref = F.interpolate(x.float() / 255, size=(28, 28), mode=interpolation, align_corners=False).clamp(0, 1)
     torch.testing.assert_close(views[0], ref, atol=2e-5, rtol=0)
     torch.testing.assert_close(views[1], ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_separable_resampling_equals_grid_sample(interpolation):
+    # the CPU default (two 1-D gather passes) and grid_sample give the same crops, flips included,
+    # for up- and down-scaling, non-square images and mixed pyramid levels
+    cfg = AugmentConfig(global_size=24, local_size=12, num_local=3, global_scale=(0.05, 1.0), flip_p=0.5,
+                        interpolation=interpolation)
+    for h, w in ((32, 32), (40, 56), (100, 100)):
+        x = _images(b=16, h=h, w=w)
+        a = MultiCropAugment(cfg, 3, resample="grid")(x, _gen())
+        b = MultiCropAugment(cfg, 3, resample="separable")(x, _gen())
+        for va, vb in zip(a, b):
+            torch.testing.assert_close(va, vb, atol=5e-5, rtol=0)
+
+
 def test_sampling_grid_equals_affine_grid():
     b, v, s = 3, 2, 7
     g = _gen()
-    p = torch.zeros(11, b, v)
-    p[0] = torch.rand(b, v, generator=g) * 2 - 1  # ax (negative = flip)
-    p[1] = torch.rand(b, v, generator=g) - 0.5  # tx
-    p[2] = torch.rand(b, v, generator=g)  # ay
-    p[3] = torch.rand(b, v, generator=g) - 0.5  # ty
-    theta = torch.zeros(b * v, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = p[0].reshape(-1), p[1].reshape(-1)
-    theta[:, 1, 1], theta[:, 1, 2] = p[2].reshape(-1), p[3].reshape(-1)
+    p = torch.zeros(11, v, b)  # parameter rows are view-major
+    p[0] = torch.rand(v, b, generator=g) * 2 - 1  # ax (negative = flip)
+    p[1] = torch.rand(v, b, generator=g) - 0.5  # tx
+    p[2] = torch.rand(v, b, generator=g)  # ay
+    p[3] = torch.rand(v, b, generator=g) - 0.5  # ty
+    theta = torch.zeros(b * v, 2, 3)  # sample-major, as the grid stacks views along the height
+    theta[:, 0, 0], theta[:, 0, 2] = p[0].t().reshape(-1), p[1].t().reshape(-1)
+    theta[:, 1, 1], theta[:, 1, 2] = p[2].t().reshape(-1), p[3].t().reshape(-1)
     ref = F.affine_grid(theta, [b * v, 1, s, s], align_corners=False).view(b, v * s, s, 2)
     torch.testing.assert_close(_sampling_grid(p, b, v, s), ref, atol=1e-6, rtol=0)
 
@@ -316,16 +332,15 @@ def test_blur_matches_torchvision(sigma):
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.75])  # gathered subset / all planes
-def test_pipeline_blur_selects_pairs(fraction):
-    b, c, v, s = 6, 3, 2, 12
-    x5 = torch.rand(b, c, v, s, s, generator=_gen())
-    sel = np.random.default_rng(0).random((b, v)) < fraction
-    sigma = torch.where(torch.from_numpy(sel), torch.rand(b, v, generator=_gen(1)) + 0.5, torch.tensor(1e-3))
-    out = MultiCropAugment._blur(x5.clone(), sigma, sel, 7)
-    for i in range(b):
-        for j in range(v):
-            ref = gaussian_blur(x5[i:i + 1, :, j], sigma[i, j], kernel_size=7) if sel[i, j] else x5[i:i + 1, :, j]
-            torch.testing.assert_close(out[i:i + 1, :, j], ref, atol=1e-6, rtol=0)
+def test_pipeline_blur_selects_images(fraction):
+    n, c, s = 12, 3, 12
+    x = torch.rand(n, c, s, s, generator=_gen())
+    sel = np.random.default_rng(0).random(n) < fraction
+    sigma = torch.where(torch.from_numpy(sel), torch.rand(n, generator=_gen(1)) + 0.5, torch.tensor(1e-3))
+    out = MultiCropAugment._blur(x.clone(), sigma, sel, 7)
+    for i in range(n):
+        ref = gaussian_blur(x[i:i + 1], sigma[i], kernel_size=7) if sel[i] else x[i:i + 1]
+        torch.testing.assert_close(out[i:i + 1], ref, atol=1e-6, rtol=0)
 
 
 def test_gaussian_kernel_rows():
@@ -336,7 +351,7 @@ def test_gaussian_kernel_rows():
     torch.testing.assert_close(k[1], ref / ref.sum())
     # _blur_planes with an exact identity kernel is exact
     planes = torch.rand(4, 6, 6)
-    assert torch.equal(_blur_planes(planes, k[2:3].expand(4, 5)), planes)
+    assert torch.equal(_blur_planes(planes.clone(), k[2:3].expand(4, 5)), planes)
 
 
 # ---------------------------------------------------------------------------- probabilities in the pipeline

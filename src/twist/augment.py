@@ -18,18 +18,26 @@ The pipeline of one view (BYOL / DINO order, torchvision's definition of each op
 1. Random resized crop + horizontal flip in ONE resampling pass. The crop box is drawn exactly as
    torchvision's ``RandomResizedCrop.get_params`` does (area fraction uniform in ``scale``, aspect
    ratio log-uniform in ``ratio``, 10 attempts, then a centre crop with the ratio clamped), with
-   integer box corners. The box and the flip become a per-sample affine grid
-   (``F.affine_grid``) that ``F.grid_sample`` resamples with ``align_corners=False`` and border
-   padding, so a crop of the whole image equals ``F.interpolate(..., antialias=False)``.
-   Bicubic output is clamped to [0, 1].
-   Anti-aliasing: ``grid_sample`` samples points, which aliases when the crop is more than twice
-   the output side. When that happens for some sample, the batch is reduced into a mip-map
-   pyramid (each level an anti-aliased bilinear half-size resize of the previous one, built once
-   per call and shared by all views), and each sample reads from level ``floor(log2(f))`` where
+   integer box corners. The box and the flip become a per-sample axis-aligned affine map of
+   normalised coordinates (the ``F.affine_grid`` grid with ``align_corners=False``), and the
+   batch is resampled with ``cfg.interpolation`` and border padding, so a crop of the whole
+   image equals ``F.interpolate(..., antialias=False)``. Bicubic output is clamped to [0, 1].
+   Two implementations of that same resampling (equal up to float rounding, tested):
+   ``resample="grid"``, one ``F.grid_sample`` call for all views of a resolution (the views are
+   stacked along the grid's height, so the input is never copied per view); and
+   ``resample="separable"``: along y an ``index_select`` of whole image rows and a weighted sum
+   of the 2 (bilinear) or 4 (bicubic) taps, along x one batched matrix product with
+   per-(view, sample) interpolation matrices holding the same taps. ``resample="auto"`` (the
+   default) uses grid_sample on GPUs and the separable passes on CPU, where they are faster
+   (grid_sample's bicubic is several times slower) and reuse their buffers between calls.
+   Anti-aliasing: both sample points, which aliases when the crop is more than twice the output
+   side. When that happens for some sample, the batch is reduced into a mip-map pyramid (each
+   level an anti-aliased bilinear half-size resize of the previous one, built once per call and
+   shared by all views), and each sample reads from level ``floor(log2(f))`` where
    ``f = max(crop_h, crop_w) / S`` is its downscale factor, so the residual factor is below 2.
-   Normalised grid coordinates do not depend on the resolution, so the same grid serves every
-   level. With the presets (256 px images for 224/96 crops, 32 px for 32/16) ``f < 2`` always
-   and the pyramid is never built.
+   Normalised coordinates do not depend on the resolution, so the same map serves every level.
+   With the presets (256 px images for 224/96 crops, 32 px for 32/16) ``f < 2`` always and the
+   pyramid is never built.
 2. Colour jitter with probability ``jitter_p``: brightness, contrast, saturation and hue with
    factors drawn like torchvision's ``ColorJitter`` (factor uniform in [max(0, 1 - x), 1 + x];
    hue shift uniform in [-hue, hue]). torchvision shuffles the order of the four operations per
@@ -42,12 +50,25 @@ The pipeline of one view (BYOL / DINO order, torchvision's definition of each op
    is uniform in ``blur_sigma``, which is given in pixels of a 224 px global crop; it is
    multiplied by ``global_size / 224`` for EVERY view, so the paper's 224/96 recipe keeps
    DINO/BYOL's sigma in [0.1, 2] px on global and local crops alike, and a 32/16 recipe gets
-   sigma in [0.014, 0.29] px. Kernel: ``2 * ceil(3 * sigma_max) + 1`` taps (capped by the
-   image), per-sample separable weights through a grouped convolution, reflect padding. Only
-   the selected samples are blurred; nothing is done when no sample is selected.
+   sigma in [0.014, 0.29] px. Kernel: ``2 * ceil(3 * sigma_max) + 1`` taps (sigma_max over the
+   blurred samples of the call; capped by the image), per-sample separable weights, reflect
+   padding; radius <= 3 as shifted multiply-adds (in place), larger as a grouped convolution. When fewer
+   than half of the (view, sample) pairs are selected only those planes are gathered and
+   blurred; otherwise all are, the others with an exact identity kernel. Nothing is done when
+   no sample is selected.
 5. Solarize with per-view probability ``solarize_p``: pixels >= 0.5 become 1 - x (what
    PIL's ``ImageOps.solarize`` does at threshold 128 on the original 8-bit values).
-6. Normalise ``(x - mean) / std`` into a fresh contiguous ``float32`` tensor per view.
+6. Normalise ``(x - mean) / std``. Each view is a contiguous ``float32`` (B, C, S, S) slice of
+   one new (V, B, C, S, S) tensor per resolution.
+
+Speed notes. All views of one resolution are processed as one view-major (V * B, C, S, S) batch
+with per-(view, sample) parameters of shape (V * B, 1, 1, 1), so the number of tensor operations per
+call does not grow with the batch or the number of views. Per-sample choices (apply or not) are
+0/1 float factors rather than boolean masks: on CPU, comparisons and ``torch.where`` are several
+times slower than float arithmetic. Large temporaries are avoided (in-place operations,
+one-channel temporaries) and, on CPU, the resampling intermediates are reused between calls:
+on some machines touching freshly allocated memory costs more than the arithmetic on it.
+``benchmarks/augment_speed.py`` measures a call.
 
 The small ``adjust_*`` / ``rgb_to_grayscale`` / ``gaussian_blur`` / ``solarize`` functions take
 explicit per-sample factors and are what the pipeline uses; they are public so that they can
@@ -87,7 +108,8 @@ DEFAULT_STD = 0.5
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
 _BLUR_REFERENCE_SIZE = 224  # blur sigmas are given in pixels of a 224 px crop
 
-# Columns of the per-(sample, view) uniform random numbers drawn for each crop resolution.
+# Columns of the per-(sample, view) uniform random numbers drawn for each crop resolution, drawn
+# as (B, V, _N_RANDOM) and used view-major.
 _N_ATTEMPTS = 10
 _C_AREA = 0
 _C_RATIO = _C_AREA + _N_ATTEMPTS
@@ -102,7 +124,7 @@ _C_SIGMA = _C_BLUR + 1
 _C_SOLAR = _C_SIGMA + 1
 _N_RANDOM = _C_SOLAR + 1
 
-# Rows of the packed per-(sample, view) parameter array moved to the device.
+# Rows of the packed per-(view, sample) parameter array (_N_PARAMS, V, B) moved to the device.
 _P_AX, _P_TX, _P_AY, _P_TY = 0, 1, 2, 3  # crop + flip as x_in = ax * x_out + tx (normalised coordinates)
 _P_BRIGHTNESS, _P_CONTRAST, _P_SATURATION, _P_HUE = 4, 5, 6, 7
 _P_GRAY = 8
@@ -160,7 +182,6 @@ def adjust_saturation(x: torch.Tensor, factor: float | torch.Tensor, inplace: bo
 # HSV -> RGB: channel n of (R, G, B) sits at position clamp(|(6 h + n) mod 6 - 3| - 1, 0, 1) between
 # the pixel's minimum (0) and maximum (1), with n = 6, 4, 2 (torchvision's table in closed form).
 # For 6 h in [0, 6), |(6 h + n) mod 6 - 3| = ||6 h + n - 6| - 3|, so no modulo is needed per channel.
-_HUE_OFFSETS = (0.0, -2.0, -4.0)  # n - 6
 _BIG = 1e30  # turns "a - max >= 0" into a 0/1 float mask with arithmetic only
 
 
@@ -172,31 +193,44 @@ def _is_max(channel: torch.Tensor, maxc: torch.Tensor) -> torch.Tensor:
     return (channel - maxc).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
 
 
-def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, inplace: bool = False,
+               ws: "_Workspace | None" = None) -> torch.Tensor:
     """Rotate the hue of RGB images by ``shift`` turns (torchvision's ``adjust_hue``: RGB -> HSV,
     ``h = (h + shift) mod 1``, HSV -> RGB), all in batched tensor operations. Identity for
-    one-channel images. Returns a new tensor."""
+    one-channel images. Temporaries are one channel in size (taken from ``ws`` when given)."""
     if x.shape[1] != 3:
-        return x.clone()
+        return x if inplace else x.clone()
+    shape1 = (x.shape[0], 1, *x.shape[2:])
+
+    def tmp(name: str) -> torch.Tensor:
+        if ws is not None:
+            return ws.get("hue_" + name, shape1, x.device, x.dtype)
+        return torch.empty(shape1, device=x.device, dtype=x.dtype)
+
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]  # keep the channel dim so per-sample shifts broadcast
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    delta = maxc - minc
-    inv = delta.clamp_min(1e-12).reciprocal_()  # the numerators below are 0 where delta is 0
-    is_r = _is_max(r, maxc)
-    is_g = _is_max(g, maxc).mul_(1.0 - is_r)  # r wins ties, then g, then b (as torchvision)
+    maxc = torch.maximum(r, g, out=tmp("max"))
+    maxc = torch.maximum(maxc, b, out=maxc)
+    minc = torch.minimum(r, g, out=tmp("min"))
+    minc = torch.minimum(minc, b, out=minc)
+    delta = torch.sub(maxc, minc, out=tmp("delta"))
+    inv = torch.clamp_min(delta, 1e-12, out=tmp("inv")).reciprocal_()  # numerators are 0 where delta is 0
+    # 1 where the channel is the maximum (r wins ties, then g, then b, as torchvision), else 0
+    is_r = torch.sub(r, maxc, out=tmp("is_r")).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
+    is_g = torch.sub(g, maxc, out=tmp("is_g")).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
+    is_g.mul_(1.0 - is_r)
     # hue in sextants: (g - b) if r is the max, (b - r) + 2 delta if g, (r - g) + 4 delta if b
-    h = (r - g).add_(delta, alpha=4.0)
-    h_r = (g - b).sub_(h).mul_(is_r)
-    h_g = (b - r).add_(delta, alpha=2.0).sub_(h).mul_(is_g)
-    h = h.add_(h_r).add_(h_g).mul_(inv)  # in [-1, 5)
+    h = torch.sub(r, g, out=tmp("h")).add_(delta, alpha=4.0)
+    t_r = torch.sub(g, b, out=tmp("t1")).sub_(h).mul_(is_r)
+    t_g = torch.sub(b, r, out=tmp("t2")).add_(delta, alpha=2.0).sub_(h).mul_(is_g)
+    h.add_(t_r).add_(t_g).mul_(inv)  # in [-1, 5)
     s = _per_sample(shift, x)
-    h = h.add_(s * 6.0)
-    h = h.sub_(torch.floor(h * (1.0 / 6.0)), alpha=6.0)  # wrap into [0, 6)
-    offsets = torch.tensor(_HUE_OFFSETS, device=x.device, dtype=x.dtype).view(1, 3, *([1] * (x.dim() - 2)))
-    # (expanding h first matters: broadcasting the small offsets tensor takes a slow path on CPU)
-    k = (h.expand(x.shape) + offsets).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    return torch.addcmul(minc, k, delta)
+    h.add_(s * 6.0)
+    h.sub_(torch.mul(h, 1.0 / 6.0, out=t_r).floor_(), alpha=6.0)  # wrap into [0, 6)
+    out = x if inplace else torch.empty_like(x)  # x is not read after this point
+    for ch in range(3):  # channel n of (R, G, B): |(6h + n) mod 6 - 3| = ||6h + n - 6| - 3|, n = 6, 4, 2
+        k = torch.sub(h, 2.0 * ch, out=t_g).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+        torch.addcmul(minc, k, delta, out=out[:, ch:ch + 1])
+    return out
 
 
 def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -213,31 +247,48 @@ def _kernel_size(sigma_max: float, height: int, width: int) -> int:
     return max(1, min(size, limit))
 
 
-def _blur_planes(planes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _blur_planes(planes: torch.Tensor, weights: torch.Tensor, ws: "_Workspace | None" = None) -> torch.Tensor:
     """Separable blur of (P, H, W) planes with one odd, symmetric 1-D kernel (P, k) per plane;
-    reflect padding. Small kernels (radius <= 3) use shifted multiply-adds, which are faster
-    than a grouped convolution on CPU; larger ones a depthwise convolution."""
+    reflect padding. Small kernels (radius <= 3) use shifted multiply-adds (faster than a grouped
+    convolution on CPU) and write the result into ``planes``, with temporaries from ``ws`` when
+    given; larger ones use a depthwise convolution and return a new tensor."""
     p, h, w = planes.shape
     size = weights.shape[-1]
-    if size <= 1:
-        return planes.clone()
     r = size // 2
-    x = F.pad(planes, (r, r, r, r), mode="reflect")  # (P, H+2r, W+2r)
-    if r <= 3:
-        wt = weights.view(p, 1, 1, size)
+    if r == 0:
+        return planes
+    if r > 3:
+        x = F.pad(planes, (r, r, r, r), mode="reflect").unsqueeze(0)  # (1, P, H+2r, W+2r)
+        x = F.conv2d(x, weights.view(p, 1, 1, size), groups=p)  # (1, P, H+2r, W)
+        x = F.conv2d(x, weights.view(p, 1, size, 1), groups=p)  # (1, P, H, W)
+        return x.view(p, h, w)
 
-        def one_pass(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
-            out = t.narrow(dim, r, n) * wt[..., r]
-            for k in range(1, r + 1):
-                pair = t.narrow(dim, r - k, n) + t.narrow(dim, r + k, n)
-                out.addcmul_(pair, wt[..., r + k])
-            return out
+    def tmp(name: str, shape) -> torch.Tensor:
+        if ws is not None:
+            return ws.get("blur_" + name, shape, planes.device, planes.dtype)
+        return torch.empty(shape, device=planes.device, dtype=planes.dtype)
 
-        # rows first, on the padded rows too (reflecting rows commutes with filtering along them)
-        return one_pass(one_pass(x, 2, w), 1, h)
-    x = F.conv2d(x.unsqueeze(0), weights.view(p, 1, 1, size), groups=p)  # (1, P, H+2r, W)
-    x = F.conv2d(x, weights.view(p, 1, size, 1), groups=p)  # (1, P, H, W)
-    return x.view(p, h, w)
+    wt = weights.view(p, 1, 1, size)
+    # reflect padding (as F.pad's "reflect"): columns first, then whole rows (corners included)
+    xp = tmp("pad", (p, h + 2 * r, w + 2 * r))
+    xp[:, r:r + h, r:r + w] = planes
+    for i in range(1, r + 1):
+        xp[:, r:r + h, r - i] = planes[:, :, i]
+        xp[:, r:r + h, r + w - 1 + i] = planes[:, :, w - 1 - i]
+    for i in range(1, r + 1):
+        xp[:, r - i] = xp[:, r + i]
+        xp[:, r + h - 1 + i] = xp[:, r + h - 1 - i]
+    # along x, on the padded rows too (reflecting rows commutes with filtering along them)
+    rows = torch.mul(xp[:, :, r:r + w], wt[..., r], out=tmp("rows", (p, h + 2 * r, w)))
+    pair = tmp("pair", (p, h + 2 * r, w))
+    for k in range(1, r + 1):
+        rows.addcmul_(torch.add(xp[:, :, r - k:r - k + w], xp[:, :, r + k:r + k + w], out=pair), wt[..., r + k])
+    # along y, into planes
+    torch.mul(rows[:, r:r + h], wt[..., r], out=planes)
+    pair = tmp("pair_y", (p, h, w))
+    for k in range(1, r + 1):
+        planes.addcmul_(torch.add(rows[:, r - k:r - k + h], rows[:, r + k:r + k + h], out=pair), wt[..., r + k])
+    return planes
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, kernel_size: int | None = None) -> torch.Tensor:
@@ -248,7 +299,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, kernel_size: int
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(n)
     size = kernel_size or _kernel_size(float(sigma.max()), h, w)
     weights = _gaussian_kernels(sigma, size).repeat_interleave(c, dim=0)  # (N*C, k)
-    return _blur_planes(x.reshape(n * c, h, w), weights).view(n, c, h, w)
+    return _blur_planes(x.reshape(n * c, h, w).clone(), weights).view(n, c, h, w)
 
 
 def solarize(x: torch.Tensor, apply: float | torch.Tensor = 1.0, inplace: bool = False) -> torch.Tensor:
@@ -258,22 +309,52 @@ def solarize(x: torch.Tensor, apply: float | torch.Tensor = 1.0, inplace: bool =
     if torch.is_tensor(apply) and apply.dtype == torch.bool:
         apply = apply.to(x.dtype)
     a = _per_sample(apply, x)
-    excess = torch.mul(x, 2.0).sub_(1.0).clamp_min_(0.0).mul_(a)
-    return x.sub_(excess) if inplace else x - excess
+    out = x if inplace else x.clone()
+    for ch in range(out.shape[1]):  # one channel at a time: smaller temporaries
+        xc = out[:, ch:ch + 1]
+        xc.sub_(torch.mul(xc, 2.0).sub_(1.0).clamp_min_(0.0).mul_(a))
+    return out
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_images(images: torch.Tensor, channels: int) -> torch.Tensor:
+def _check_images(images: torch.Tensor, channels: int, ws: "_Workspace | None" = None) -> torch.Tensor:
     if not torch.is_tensor(images) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {type(images).__name__} "
                          f"of shape {tuple(getattr(images, 'shape', ()))}")
     if images.shape[1] != channels:
         raise ValueError(f"images have {images.shape[1]} channel(s) but the transform was built for {channels}")
     if images.dtype == torch.uint8:
-        return torch.div(images, 255.0)  # one pass, float32
+        out = ws.get("input", images.shape, images.device) if ws is not None else None
+        return torch.div(images, 255.0, out=out)  # one pass, float32
     if images.is_floating_point():
         return images.to(torch.float32)  # taken to be in [0, 1] already
     raise ValueError(f"images must be uint8 (or float in [0, 1]), got {images.dtype}")
+
+
+class _Workspace:
+    """Intermediate buffers kept from one call to the next, on CPU only.
+
+    Touching freshly allocated memory costs page faults, which on some machines (containers,
+    sandboxes) cost more than the arithmetic on it; reusing the few large intermediates avoids
+    that. On CUDA, PyTorch's caching allocator already reuses memory, so fresh tensors are
+    returned. Not thread-safe: one augmenter must not be called from two threads at once."""
+
+    _MAX_BUFFERS = 32
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        shape = tuple(int(v) for v in shape)
+        if device.type != "cpu":
+            return torch.empty(shape, device=device, dtype=dtype)
+        key = (name, shape, dtype)
+        buf = self._bufs.get(key)
+        if buf is None:
+            if len(self._bufs) >= self._MAX_BUFFERS:  # e.g. many different batch sizes
+                self._bufs.clear()
+            buf = self._bufs[key] = torch.empty(shape, dtype=dtype)
+        return buf
 
 
 def _norm_stats(values: Sequence[float] | None, default: float, channels: int, name: str) -> list[float]:
@@ -354,16 +435,96 @@ def _crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, floa
 
 def _sampling_grid(p: torch.Tensor, b: int, nviews: int, size: int) -> torch.Tensor:
     """The ``F.affine_grid(theta, align_corners=False)`` grids of axis-aligned maps
-    ``x_in = ax * x_out + tx``, ``y_in = ay * y_out + ty`` (flips have ax < 0), built separably
-    (a fraction of affine_grid's cost), all views of a sample stacked along the output height:
-    (B, V * size, size, 2)."""
+    ``x_in = ax * x_out + tx``, ``y_in = ay * y_out + ty`` (flips have ax < 0; parameters
+    ``p[row]`` shaped (V, B)), built separably (a fraction of affine_grid's cost), all views of a
+    sample stacked along the output height: (B, V * size, size, 2)."""
     base = (torch.arange(size, device=p.device, dtype=p.dtype) * 2.0 + 1.0) / size - 1.0  # pixel centres
-    gx = torch.addcmul(p[_P_TX].view(b, nviews, 1, 1), p[_P_AX].view(b, nviews, 1, 1), base.view(1, 1, 1, size))
-    gy = torch.addcmul(p[_P_TY].view(b, nviews, 1, 1), p[_P_AY].view(b, nviews, 1, 1), base.view(1, 1, size, 1))
+
+    def per_sample(row: int) -> torch.Tensor:
+        return p[row].t().reshape(b, nviews, 1, 1)
+
+    gx = torch.addcmul(per_sample(_P_TX), per_sample(_P_AX), base.view(1, 1, 1, size))
+    gy = torch.addcmul(per_sample(_P_TY), per_sample(_P_AY), base.view(1, 1, size, 1))
     grid = torch.empty((b, nviews, size, size, 2), device=p.device, dtype=p.dtype)
     grid[..., 0] = gx
     grid[..., 1] = gy
     return grid.view(b, nviews * size, size, 2)
+
+
+def _resample_grid(src: torch.Tensor, p: torch.Tensor, nviews: int, size: int, mode: str,
+                   ws: _Workspace | None = None) -> torch.Tensor:
+    """Crop + flip of every view with one ``F.grid_sample`` (views stacked along the grid's height,
+    so the input is not copied per view): (B, C, H, W) -> (V, B, C, S, S), a new tensor."""
+    b, c = src.shape[:2]
+    grid = _sampling_grid(p, b, nviews, size)
+    out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.view(b, c, nviews, size, size).permute(2, 0, 1, 3, 4).contiguous()
+
+
+_CUBIC_A = -0.75  # Keys' cubic convolution, as torch's bicubic grid_sample / interpolate
+
+
+def _axis_taps(scale: torch.Tensor, shift: torch.Tensor, size_in: int, size_out: int,
+               mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Source indices (clamped to the image: border padding) and weights along one axis for the map
+    ``coord_in = scale * coord_out + shift`` in normalised coordinates (align_corners=False), the
+    way grid_sample computes them. scale, shift: (V, B). Returns [(index, weight)], each (V, B, S)."""
+    base = (torch.arange(size_out, device=scale.device, dtype=scale.dtype) * 2.0 + 1.0) / size_out - 1.0
+    coord = torch.addcmul(shift.unsqueeze(-1), scale.unsqueeze(-1), base)
+    pix = ((coord + 1.0) * size_in - 1.0) / 2.0  # grid_sample's unnormalisation
+    i0 = torch.floor(pix)
+    t = pix - i0
+    i0 = i0.to(torch.int64)
+    if mode == "bilinear":
+        weights, offsets = [1.0 - t, t], (0, 1)
+    else:
+        a = _CUBIC_A
+
+        def near(d):  # |d| <= 1
+            return ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+
+        def far(d):  # 1 < |d| < 2
+            return ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
+
+        weights, offsets = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)], (-1, 0, 1, 2)
+    return [((i0 + o).clamp_(0, size_in - 1), w) for o, w in zip(offsets, weights)]
+
+
+def _resample_separable(src: torch.Tensor, p: torch.Tensor, nviews: int, size: int, mode: str,
+                        ws: _Workspace | None = None) -> torch.Tensor:
+    """The same resampling as :func:`_resample_grid` (same taps, weights and border handling; equal
+    up to float rounding) as two 1-D passes: along y, ``index_select`` of whole image rows and a
+    weighted sum of the 2 (bilinear) or 4 (bicubic) taps; along x, one batched matrix product
+    with a per-(view, sample) interpolation matrix that holds the same taps. Several times
+    faster than grid_sample on CPU for bicubic. (B, C, H, W) -> (V, B, C, S, S), a new tensor
+    (the intermediates live in ``ws``)."""
+    b, c, height, width = src.shape
+    dev = src.device
+    ws = ws or _Workspace()
+    n = nviews * b
+    # pass 1, along y: output rows (v, b, c, y) are weighted sums of input rows (b, c, iy)
+    rows = src.reshape(b * c * height, width)
+    first = ((torch.arange(b, device=dev).view(1, b, 1, 1) * c + torch.arange(c, device=dev).view(1, 1, c, 1))
+             * height)
+    buf = ws.get("gather", (n * c * size, width), dev, src.dtype)
+    acc = ws.get("rows", (nviews, b, c, size, width), dev, src.dtype)
+    for k, (idx, w) in enumerate(_axis_taps(p[_P_AY], p[_P_TY], height, size, mode)):
+        torch.index_select(rows, 0, (idx.unsqueeze(2) + first).view(-1), out=buf)
+        g = buf.view(nviews, b, c, size, width)
+        wt = w.view(nviews, b, 1, size, 1)
+        if k == 0:
+            torch.mul(g, wt, out=acc)
+        else:
+            acc.addcmul_(g, wt)
+    # pass 2, along x: (C*S, W) @ (W, S) per (view, sample), the matrix built from the x taps
+    mat = ws.get("matrix", (n, width, size), dev, src.dtype).zero_()
+    for idx, w in _axis_taps(p[_P_AX], p[_P_TX], width, size, mode):
+        mat.scatter_add_(1, idx.view(n, 1, size), w.view(n, 1, size))
+    out = torch.bmm(acc.view(n, c * size, width), mat)
+    return out.view(nviews, b, c, size, size)
+
+
+_RESAMPLERS = {"grid": _resample_grid, "separable": _resample_separable}
 
 
 class MultiCropAugment:
@@ -384,9 +545,12 @@ class MultiCropAugment:
 
     def __init__(self, cfg: AugmentConfig, channels: int, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, global_scale: tuple[float, float] | None = None,
-                 local_scale: tuple[float, float] | None = None):
+                 local_scale: tuple[float, float] | None = None, resample: str = "auto"):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if resample not in ("auto", "grid", "separable"):
+            raise ValueError(f"resample must be auto, grid or separable, got {resample!r}")
+        self.resample = resample
         if cfg.interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
         self.cfg = cfg
@@ -401,6 +565,7 @@ class MultiCropAugment:
         self.num_views = 2 + cfg.num_local
         self.sigma_scale = cfg.global_size / _BLUR_REFERENCE_SIZE
         self._normalizer = _Normalizer(self.mean, self.std)
+        self._ws = _Workspace()
         # the colour operations that can change anything for this data, in torchvision's order
         self._jitter_ops = [k for k, on in enumerate((cfg.brightness > 0, cfg.contrast > 0,
                                                       cfg.saturation > 0 and channels == 3,
@@ -411,13 +576,20 @@ class MultiCropAugment:
         return (f"MultiCropAugment(2 x {c.global_size}px + {c.num_local} x {c.local_size}px, channels={self.channels}, "
                 f"global_scale={self.global_scale}, local_scale={self.local_scale}, interpolation={c.interpolation})")
 
+    def _resample_method(self, device: torch.device) -> str:
+        """auto: grid_sample on GPUs, the separable passes on CPU (faster there, bicubic above all,
+        and their intermediates are reused between calls)."""
+        if self.resample != "auto":
+            return self.resample
+        return "separable" if device.type == "cpu" else "grid"
+
     # ------------------------------------------------------------------ public call
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("the augmentation generator must be a CPU torch.Generator")
         cfg = self.cfg
         with torch.no_grad():
-            x = _check_images(images, self.channels)
+            x = _check_images(images, self.channels, self._ws)
             pyramid = [x]
             views = self._views(pyramid, 2, cfg.global_size, self.global_scale,
                                 (cfg.blur_p[0], cfg.blur_p[1]), (cfg.solarize_p[0], cfg.solarize_p[1]), generator)
@@ -433,9 +605,10 @@ class MultiCropAugment:
         """Every random choice for ``nviews`` views of ``b`` images, in a fixed amount and order."""
         cfg = self.cfg
         u = torch.rand((b, nviews, _N_RANDOM), generator=generator, dtype=torch.float64).numpy()
+        u = u.transpose(1, 0, 2)  # everything below is view-major: (V, B)
         order = torch.randperm(4, generator=generator).tolist()
 
-        params = np.zeros((_N_PARAMS, b, nviews), dtype=np.float32)
+        params = np.zeros((_N_PARAMS, nviews, b), dtype=np.float32)
         top, left, h, w = _crop_boxes(u, height, width, scale, cfg.ratio)
         flip = u[..., _C_FLIP] < cfg.flip_p
         params[_P_AX] = np.where(flip, -w / width, w / width)
@@ -454,11 +627,11 @@ class MultiCropAugment:
 
         gray = (u[..., _C_GRAY] < cfg.grayscale_p) & (self.channels == 3)
         params[_P_GRAY] = gray
-        blur = u[..., _C_BLUR] < np.asarray(blur_p, dtype=np.float64)
+        blur = u[..., _C_BLUR] < np.asarray(blur_p, dtype=np.float64)[:, None]
         lo_s, hi_s = cfg.blur_sigma
         sigma = (lo_s + (hi_s - lo_s) * u[..., _C_SIGMA]) * self.sigma_scale
         params[_P_SIGMA] = np.where(blur, sigma, _NO_BLUR_SIGMA)
-        solar = u[..., _C_SOLAR] < np.asarray(solar_p, dtype=np.float64)
+        solar = u[..., _C_SOLAR] < np.asarray(solar_p, dtype=np.float64)[:, None]
         params[_P_SOLAR] = solar
         return dict(params=params, order=order, levels=levels, jitter=bool(jitter.any()), gray=bool(gray.any()),
                     blur=blur, sigma=sigma, solar=bool(solar.any()))
@@ -472,26 +645,26 @@ class MultiCropAugment:
         b, c, height, width = x.shape
         device = x.device
         d = self._draw(b, nviews, size, height, width, scale, blur_p, solar_p, generator)
-        p = _to_device(d["params"], device)  # (_N_PARAMS, B, V) float32: one transfer
+        p = _to_device(d["params"], device)  # (_N_PARAMS, V, B) float32: one transfer
+        n = nviews * b
 
-        def col(i: int) -> torch.Tensor:  # a per-(sample, view) parameter, broadcast over (B, C, V, S, S)
-            return p[i].view(b, 1, nviews, 1, 1)
+        def col(i: int) -> torch.Tensor:  # a per-(view, sample) parameter, broadcast over (V*B, C, S, S)
+            return p[i].view(n, 1, 1, 1)
 
-        # ---- crop + flip: one grid_sample for all views of this resolution (per pyramid level used)
-        grid = _sampling_grid(p, b, nviews, size)
+        # ---- crop + flip: one resampling of all views of this resolution (per pyramid level used)
+        resample = _RESAMPLERS[self._resample_method(device)]
         levels = d["levels"]
-        out = None
+        xv = None
         for level in np.unique(levels).tolist():
-            src = self._pyramid_level(pyramid, level)
-            res = F.grid_sample(src, grid, mode=cfg.interpolation, padding_mode="border", align_corners=False)
-            if out is None:
-                out = res
+            ws = self._ws if xv is None else None  # a second level must not overwrite the first's buffer
+            res = resample(self._pyramid_level(pyramid, level), p, nviews, size, cfg.interpolation, ws)
+            if xv is None:
+                xv = res.view(n, c, size, size)  # all views as one batch, view-major: (V*B, C, S, S)
             else:
-                weight = _to_device((levels == level).astype(np.float32), device).view(b, 1, nviews, 1, 1)
-                out.view(b, c, nviews, size, size).lerp_(res.view(b, c, nviews, size, size), weight)
-        x5 = out.view(b, c, nviews, size, size)  # (B, C, V, S, S), contiguous
+                weight = _to_device((levels == level).astype(np.float32), device).view(n, 1, 1, 1)
+                xv.lerp_(res.view(n, c, size, size), weight)
         if cfg.interpolation == "bicubic":
-            x5.clamp_(0.0, 1.0)
+            xv.clamp_(0.0, 1.0)
 
         # ---- colour jitter, in one shuffled order for the batch (identity factors where not jittered)
         if cfg.jitter_p > 0 and d["jitter"]:
@@ -500,49 +673,47 @@ class MultiCropAugment:
                     continue
                 f = col(_P_BRIGHTNESS + k)
                 if k == 0:
-                    x5 = adjust_brightness(x5, f, inplace=True)
+                    xv = adjust_brightness(xv, f, inplace=True)
                 elif k == 1:
-                    x5 = adjust_contrast(x5, f, inplace=True)
+                    xv = adjust_contrast(xv, f, inplace=True)
                 elif k == 2:
-                    x5 = adjust_saturation(x5, f, inplace=True)
+                    xv = adjust_saturation(xv, f, inplace=True)
                 else:
-                    x5 = adjust_hue(x5, f)
+                    xv = adjust_hue(xv, f, inplace=True, ws=self._ws)
         # ---- grayscale (lerp with a 0/1 weight is exact at both ends)
         if d["gray"]:
-            x5 = x5.lerp_(rgb_to_grayscale(x5).expand_as(x5), col(_P_GRAY))
+            xv = xv.lerp_(rgb_to_grayscale(xv).expand_as(xv), col(_P_GRAY))
         # ---- gaussian blur
         blur = d["blur"]
-        n_blur = int(blur.sum())
-        if n_blur:
+        if blur.any():
             ksize = _kernel_size(float(d["sigma"][blur].max()), size, size)
             if ksize > 1:
-                x5 = self._blur(x5, p[_P_SIGMA], blur, ksize)
+                xv = self._blur(xv, p[_P_SIGMA].view(n), blur.reshape(n), ksize, self._ws)
         # ---- solarize
         if d["solar"]:
-            x5 = solarize(x5, col(_P_SOLAR), inplace=True)
-        # ---- normalise into (V, B, C, S, S): every view a contiguous (B, C, S, S) tensor
-        mean, inv_std = self._normalizer.constants(device, 5, 2)
-        result = torch.empty((nviews, b, c, size, size), device=device, dtype=torch.float32)
-        torch.sub(x5.permute(2, 0, 1, 3, 4), mean, out=result)
-        result.mul_(inv_std)
-        return list(result.unbind(0))
+            xv = solarize(xv, col(_P_SOLAR), inplace=True)
+        # ---- normalise in place: xv is a new (V*B, C, S, S) tensor, so every view is a contiguous slice
+        mean, inv_std = self._normalizer.constants(device, 4, 1)
+        xv = xv.sub_(mean).mul_(inv_std)
+        return list(xv.view(nviews, b, c, size, size).unbind(0))
 
     @staticmethod
-    def _blur(x5: torch.Tensor, sigma: torch.Tensor, blur: np.ndarray, ksize: int) -> torch.Tensor:
-        """Blur the (sample, view) pairs where ``blur`` is true. ``sigma`` (B, V) on the device holds
-        a tiny sigma (an exact identity kernel) elsewhere. When most pairs are blurred, every plane
-        goes through the convolution; otherwise only the selected planes are gathered."""
-        b, c, nviews, size, _ = x5.shape
-        weights = _gaussian_kernels(sigma, ksize).view(b, 1, nviews, ksize).expand(b, c, nviews, ksize)
-        weights = weights.reshape(b * c * nviews, ksize)
-        planes = x5.reshape(b * c * nviews, size, size)
+    def _blur(x: torch.Tensor, sigma: torch.Tensor, blur: np.ndarray, ksize: int,
+              ws: _Workspace | None = None) -> torch.Tensor:
+        """Blur the images of ``x`` (N, C, S, S) where ``blur`` (N,) is true, with per-image ``sigma``
+        (N,) on the device (a tiny sigma, i.e. an exact identity kernel, elsewhere). When most
+        images are blurred every plane goes through the filter, else only the selected ones.
+        May work in place; returns the result."""
+        n, c, h, w = x.shape
+        weights = _gaussian_kernels(sigma, ksize).repeat_interleave(c, dim=0)  # (N*C, k)
+        planes = x.view(n * c, h, w)
         if blur.mean() >= 0.5:
-            return _blur_planes(planes, weights).view_as(x5)
-        rows = np.flatnonzero(np.broadcast_to(blur.reshape(b, 1, nviews), (b, c, nviews)))
-        rows_d = _to_device(rows, x5.device)
+            return _blur_planes(planes, weights, ws).view_as(x)
+        rows = np.flatnonzero(np.repeat(blur, c))
+        rows_d = _to_device(rows, x.device)
         blurred = _blur_planes(planes.index_select(0, rows_d), weights.index_select(0, rows_d))
-        planes.index_copy_(0, rows_d, blurred)  # planes is a view of x5 (x5 is contiguous)
-        return x5
+        planes.index_copy_(0, rows_d, blurred)  # planes is a view of x
+        return x
 
     @staticmethod
     def _pyramid_level(pyramid: list[torch.Tensor], level: int) -> torch.Tensor:

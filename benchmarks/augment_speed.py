@@ -1,0 +1,96 @@
+"""Speed of the batched augmentation (twist.augment.MultiCropAugment).
+
+    python benchmarks/augment_speed.py                      # CPU, torch's default threads
+    python benchmarks/augment_speed.py --threads 2          # emulate a 2-core machine
+    python benchmarks/augment_speed.py --device cuda --large
+
+Prints, per configuration, the best and the median milliseconds of one call over --reps calls
+(after warm-up). On CUDA every call is synchronised, so the numbers are the GPU time of one
+batch. --large adds the paper's ResNet-50 recipes (256 px images, 2 x 224 + 12 x 96 crops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import time
+
+import torch
+
+from twist.augment import MultiCropAugment
+from twist.config import AugmentConfig, get_preset
+
+
+def _configs(large: bool) -> list[tuple[str, AugmentConfig, int, int]]:
+    cifar = get_preset("cifar10").augment
+    default = AugmentConfig()
+    out = [
+        ("crop+flip only, 2 x 32 bilinear", dataclasses.replace(
+            cifar, jitter_p=0.0, grayscale_p=0.0, solarize_p=(0.0, 0.0, 0.0)), 32, 256),
+        ("cifar10 preset: 2 x 32 bilinear, jitter, gray, solarize", cifar, 32, 256),
+        ("AugmentConfig(): 2 x 32 bicubic, + blur (1, .1)", default, 32, 256),
+        ("cifar10 preset + 6 x 16 locals (bilinear)", dataclasses.replace(cifar, num_local=6), 32, 256),
+        ("AugmentConfig() + 6 x 16 locals (bicubic, blur)", dataclasses.replace(default, num_local=6), 32, 256),
+    ]
+    if large:
+        out += [
+            ("rn50-twoview: 2 x 224 from 256 px, batch 128", get_preset("rn50-twoview").augment, 256, 128),
+            ("rn50-multicrop: 2 x 224 + 12 x 96 from 256 px, batch 128",
+             get_preset("rn50-multicrop").augment, 256, 128),
+        ]
+    return out
+
+
+def _time(fn, reps: int, device: torch.device) -> tuple[float, float]:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3, statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--large", action="store_true", help="add the 224 px ResNet-50 recipes")
+    ap.add_argument("--resample", default="auto", choices=["auto", "grid", "separable"])
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table for each configuration")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"resample={args.resample}")
+    ref = torch.rand(256 * 2 * 3 * 32 * 32, device=device)  # one float32 pass over 2 views of a CIFAR batch
+    best, _ = _time(lambda: ref.mul_(1.0), args.reps, device)
+    print(f"  {'reference: in-place multiply of 256 x 2 x 3 x 32 x 32 floats':<60s}           best {best:7.3f} ms")
+    for label, cfg, side, batch in _configs(args.large):
+        images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=device)
+        aug = MultiCropAugment(cfg, 3, resample=args.resample)
+        gen = torch.Generator().manual_seed(0)
+        best, median = _time(lambda: aug(images, gen), args.reps, device)
+        print(f"  {label:<60s} batch {batch:4d}: best {best:7.2f} ms   median {median:7.2f} ms")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(5):
+                    aug(images, gen)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=24))
+
+
+if __name__ == "__main__":
+    main()
