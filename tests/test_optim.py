@@ -57,3 +57,16 @@ def test_cosine_schedule_shape():
     assert np.all(np.diff(s[10:]) <= 1e-12) and np.all(np.diff(s[:11]) > 0)
     const = cosine_schedule(0.3, 0.3, 5)
     assert np.allclose(const, 0.3)
+
+
+def test_vit_tokens_are_not_decayed():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+            self.proj = nn.Linear(4, 4)
+
+    groups = param_groups(Tiny())
+    assert [p.shape for p in groups[0]["params"]] == [torch.Size([4, 4])]
+    assert len(groups[1]["params"]) == 3

@@ -67,13 +67,18 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+# ViT tokens and position embeddings are not weights to shrink (the release excludes them too).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
+
+
 def param_groups(model: nn.Module) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and biases / 1-D params (neither)."""
+    """Two groups: weights (decayed, LARS-adapted) and biases / 1-D params / ViT tokens (neither)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        excluded = p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+        (no_decay if excluded else decay).append(p)
     groups = [{"params": decay, "apply_wd": True}]
     if no_decay:
         groups.append({"params": no_decay, "apply_wd": False, "weight_decay": 0.0, "lars_exclude": True})
