@@ -31,8 +31,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError, PermissionError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error (sub-parsers inherit the class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"twist: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="twist",
         description="TWIST self-supervised learning: train a network whose softmax over C classes is consistent "
                     "across augmentations, sharp per image and diverse across the batch; get an unsupervised "
@@ -444,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
-        print(f"twist: error: {exc}", file=sys.stderr)
+        print("twist: error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("twist: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

@@ -235,6 +235,13 @@ class TwistConfig:
         _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "non-negative")
         _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "non-negative")
         _check(t.image_size >= 0, "train.image_size", t.image_size, "non-negative (0 = global crop size)")
+        # Crops are never larger than the images they are cut from: small images are upsampled
+        # once, explicitly, by the loader (train.image_size), as the digits preset does (8 -> 16 px).
+        _check(t.image_size == 0 or t.image_size >= a.global_size, "train.image_size", t.image_size,
+               f"0 or at least augment.global_size={a.global_size} (crops larger than the loaded images); "
+               f"set train.image_size to the crop size or more to upsample small images, or lower augment.global_size")
+        _check(a.num_local == 0 or a.local_size <= (t.image_size or a.global_size), "augment.local_size", a.local_size,
+               f"at most the loaded image size {t.image_size or a.global_size} (train.image_size, 0 = augment.global_size)")
         _check(t.max_memory_gb > 0, "train.max_memory_gb", t.max_memory_gb, "positive")
         _check(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
         return self

@@ -50,7 +50,9 @@ default PIL's ``Image.MAX_IMAGE_PIXELS``, ~0.9e8; PIL's own ``DecompressionBombE
 too). A directory symlink pointing to one of its own ancestors is a bad entry ("symlink loop")
 and is not followed; a directory reached a second time through another link is not followed
 either and is listed as a note. ``'skip'`` lists ``(path, reason)`` in ``dataset.skipped`` and
-goes on; ``'stop'`` raises :class:`DataError` naming the first bad file (in sorted path order).
+goes on; ``'stop'`` raises :class:`DataError` once the folder has been checked (and, for
+in-memory folders, decoded), naming the first bad file in sorted path order and how many others
+there are.
 A dataset with no usable image raises :class:`DataError` whatever the policy. File names that
 are not valid UTF-8 are kept as ``str`` with surrogate escapes (they open fine); use
 :func:`display_path` to print or write them (``write_skipped`` does).
@@ -467,20 +469,30 @@ def _resize_arrays(ds: ImageDataset, side: int, progress: bool) -> None:
 
 # ---------------------------------------------------------------------- image folders
 class _Skips:
-    """Collects skipped entries; raises on bad ones under 'stop'."""
+    """Collects skipped entries. Under 'stop' the bad ones are gathered while the folder is
+    checked and :meth:`check` raises naming the first in sorted path order (so the file named
+    does not depend on which check found it) with the count of the others."""
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
         self.items: list[tuple[str, str]] = []
+        self.bad_items: list[tuple[str, str]] = []
 
     def bad(self, path: str, reason: str) -> None:
-        if self.policy == "stop":
-            raise DataError(f"bad image file {display_path(path)}: {reason} "
-                            f"(bad_files='stop'; use bad_files='skip' to leave such files out)")
         self.items.append((path, reason))
+        self.bad_items.append((path, reason))
 
     def note(self, path: str, reason: str) -> None:
         self.items.append((path, reason))
+
+    def check(self) -> None:
+        if self.policy != "stop" or not self.bad_items:
+            return
+        path, reason = min(self.bad_items, key=lambda item: item[0].split(os.sep))
+        more = len(self.bad_items) - 1
+        others = f"; {more} other bad file(s) too" if more else ""
+        raise DataError(f"bad image file {display_path(path)}: {reason} "
+                        f"(bad_files='stop'{others}; use bad_files='skip' to leave such files out)")
 
 
 def _scan_tree(root: str, skips: _Skips, progress: bool) -> list[tuple[tuple[str, ...], str]]:
@@ -589,6 +601,7 @@ def _load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: floa
     if nbytes > max_memory_gb * _GIB:
         logger.info("%s: %.2f GiB decoded exceeds max_memory_gb=%g; images are decoded per batch",
                     name, nbytes / _GIB, max_memory_gb)
+        skips.check()
         ds.skipped = skips.items
         return ds
 
@@ -610,6 +623,7 @@ def _load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: floa
             ok[i] = False
     if not ok.any():
         _raise_empty(root, skips)
+    skips.check()
     if not ok.all():
         keep_idx = np.flatnonzero(ok)
         for dst, src in enumerate(keep_idx):  # in-place forward compaction (dst <= src)
@@ -627,6 +641,7 @@ def _load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: floa
 
 
 def _raise_empty(root: str, skips: _Skips) -> None:
+    skips.check()
     if not skips.items:
         raise DataError(f"no images found in {display_path(root)} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     shown = "; ".join(f"{display_path(p)}: {r}" for p, r in skips.items[:3])

@@ -29,7 +29,7 @@ from torch import nn
 
 from twist import distributed as tdist
 from twist.augment import EvalTransform, MultiCropAugment, dataset_stats
-from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from twist.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from twist.config import ConfigError, TwistConfig
 from twist.data import ImageDataset, batch_loader, load_dataset
 from twist.inference import evaluate_model
@@ -89,21 +89,132 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------- output folder
 def prepare_output(out: Path) -> None:
     """Create the run folder and prove it is writable before any data is loaded."""
+    probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
         with open(probe, "wb") as f:
             f.write(b"\0" * 65536)  # a little real data: a full disk fails here, not after an epoch
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)  # a full disk must not keep the probe's bytes
         raise TrainingError(f"output folder {out} is not writable: {exc.strerror or exc}") from None
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+SKIPPED_NAME = "skipped_files.tsv"
+"""Run-folder list of the data files left out (``path<TAB>reason``, see ImageDataset.write_skipped)."""
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _report_skipped(dataset: ImageDataset, out: Path, written: int) -> int:
+    """(Re)write OUT/skipped_files.tsv when the dataset's skipped list grew past ``written``
+    entries (streamed folders add files that fail to decode during training); return its length."""
+    if len(dataset.skipped) > written:
+        dataset.write_skipped(out / SKIPPED_NAME)
+        print(f"twist: skipped {len(dataset.skipped)} file(s) of the data; list in {out / SKIPPED_NAME}",
+              file=sys.stderr)
+    return len(dataset.skipped)
+
+
+def _drop_unsaved_metrics(path: Path, last_epoch: int) -> None:
+    """Keep the metrics.jsonl records of the epochs the checkpoint holds: an epoch logged just
+    before a crash that hit before its checkpoint is trained and logged again on resume (never
+    twice in the file), and a line cut short by the crash is dropped."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    keep = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] > last_epoch:
+            continue
+        keep.append(line + "\n")
+    if "".join(keep) != text:
+        _write_text_atomic(path, "".join(keep))
+
+
+def _load_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """The run folder's checkpoint, read without executing code; one-line CheckpointError otherwise."""
+    import pickle
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        cause = exc.__context__
+        lines = [x.strip() for x in str(cause or exc).splitlines() if x.strip()] or [type(cause or exc).__name__]
+        refs = [x for x in lines if "GLOBAL" in x]  # torch names the Python object it refused to import
+        if isinstance(cause, pickle.UnpicklingError) and refs:
+            why = f"it refers to Python objects, not only tensors and plain containers ({refs[0]}), so it was not written by twist train"
+        elif isinstance(cause, pickle.UnpicklingError):
+            why = "it is damaged or not a checkpoint file (unreadable pickle data)"
+        elif isinstance(cause, (RuntimeError, EOFError, OSError)):
+            why = f"it is damaged, truncated or not a checkpoint file ({lines[0]})"
+        else:
+            why = lines[0]
+        raise CheckpointError(f"cannot resume from {path}: {why}; nothing in it was loaded or executed. "
+                              f"Move it away (or choose another --out) to start afresh") from None
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, model: nn.Module) -> None:
+    """Refuse, with one line, a checkpoint this run cannot continue from (before touching the model)."""
+    def refuse(why: str) -> None:
+        raise CheckpointError(f"cannot resume from {path}: {why}. Move it away (or choose another --out) to start afresh")
+
+    weights, state = ckpt.get("model"), ckpt.get("state")
+    if not isinstance(weights, dict) or not isinstance(state, dict):
+        refuse("it is not a twist training checkpoint (no model weights and run state)")
+    if not all(type(state.get(k)) is int and state[k] >= 0 for k in ("epoch", "step_in_epoch", "global_step")):
+        refuse(f"its run state is invalid ({state!r:.200})")
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    shape = [k for k in own if k in weights and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != own[k].shape)]
+    if missing or extra or shape:
+        key, kind = next((k, why) for keys, why in ((shape, "has another shape"), (missing, "is missing"),
+                                                    (extra, "is not in this model")) for k in keys)
+        refuse(f"its model does not match this configuration ('{key}' {kind}; "
+               f"{len(missing)} missing, {len(extra)} unexpected, {len(shape)} other shapes)")
+    for name in ("optimizer", "teacher", "scaler", "rng_per_rank", "epoch_sums"):
+        if ckpt.get(name) is not None and not isinstance(ckpt[name], dict):
+            refuse(f"its '{name}' entry is not a mapping")
+    for rng in (ckpt.get("rng_per_rank") or {}).values():
+        if not (isinstance(rng, dict) and all(isinstance(rng.get(k), torch.Tensor) and rng[k].dtype == torch.uint8
+                                              for k in ("torch", "augment"))):
+            refuse("its random-number-generator states are invalid")
+
+
+def _save_checkpoint_or_stop(payload: dict[str, Any], path: Path) -> None:
+    try:
+        save_checkpoint(payload, path)
+    except OSError as exc:  # disk full, folder removed...: the previous checkpoint is still whole
+        raise TrainingError(f"cannot write checkpoint {path}: {exc.strerror or exc}; "
+                            f"the previous checkpoint is intact") from None
+
+
+def _snapshot_buffers(*modules: nn.Module | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.detach().clone()) for m in modules if m is not None for b in m.buffers()]
+
+
+def _restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Undo what a skipped (non-finite) step's forward did to BatchNorm running statistics."""
+    with torch.no_grad():
+        for buf, saved in snapshot:
+            buf.copy_(saved)
 
 
 # ---------------------------------------------------------------------- state
@@ -162,10 +273,11 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     image_size = cfg.train.image_size or cfg.augment.global_size
     dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files,
                            max_memory_gb=cfg.train.max_memory_gb, progress=progress and main)
-    if main and dataset.skipped:
-        dataset.write_skipped(out / "skipped_files.tsv")
-        print(f"twist: skipped {len(dataset.skipped)} unreadable file(s); list in {out / 'skipped_files.tsv'}",
-              file=sys.stderr)
+    skipped_written = 0
+    if main:
+        if not dataset.skipped and (out / SKIPPED_NAME).exists():
+            (out / SKIPPED_NAME).unlink()  # a list from an earlier session whose files are now fine
+        skipped_written = _report_skipped(dataset, out, 0)
     if cfg.train.batch_size * world > len(dataset):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {world} process(es) is larger than the "
                           f"dataset ({len(dataset)} images)")
@@ -219,10 +331,12 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     ckpt_path = out / CHECKPOINT_NAME
     # Rank 0 alone decides and reads; every rank gets its checkpoint (the run folder need not
     # be on a file system every node sees, and no rank can read a half-written file).
-    ckpt = load_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
+    ckpt = _load_resume_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
     if world > 1:
         ckpt = tdist.broadcast_object(ckpt)
+    epoch_sums = None
     if ckpt is not None:
+        _check_resumable(ckpt, ckpt_path, unwrap(model))
         unwrap(model).load_state_dict(ckpt["model"])
         if ckpt.get("optimizer") is None:  # imported weights (twist import): fresh optimiser and schedule
             if main:
@@ -247,10 +361,18 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         rng = ckpt.get("rng_per_rank", {}).get(str(rank))
         if rng is not None:
             _set_rng_state(rng, aug_gen)
+        if state.step_in_epoch:  # the interrupted epoch's running loss sums, so its metrics are whole
+            epoch_sums = ckpt.get("epoch_sums")
         if main:
             print(f"twist: resuming {out} from epoch {state.epoch}, step {state.global_step}", file=sys.stderr)
     if main:
-        (out / "config.json").write_text(cfg.to_json() + "\n")
+        _write_text_atomic(out / "config.json", cfg.to_json() + "\n")
+        logged = state.epoch
+        if ckpt is not None and ckpt.get("stage") == "selflabel":  # its epochs continue the TWIST count
+            logged += int((ckpt.get("selflabel") or {}).get("epoch", 0))
+        _drop_unsaved_metrics(out / "metrics.jsonl", logged)
+        for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
 
     def checkpoint() -> None:
         rng = {str(rank): _rng_state(aug_gen)}
@@ -258,13 +380,15 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             rng = tdist.gather_objects(rng)
         if not main:
             return
-        save_checkpoint({
+        _save_checkpoint_or_stop({
             "format": "twist/1",
             "model": unwrap(model).state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": vars(state).copy(),
+            "epoch_sums": {"sums": sums.clone(), "count": count, "skipped_steps": skipped_steps}
+            if state.step_in_epoch else None,
             "rng_per_rank": rng,
             "config": cfg.to_dict(),
             "data": {"channels": dataset.channels, "mean": list(mean), "std": list(std),
@@ -288,6 +412,11 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                               start_batch=state.step_in_epoch)
         sums = torch.zeros(4, dtype=torch.float64)
         count, skipped_steps = 0, 0
+        if epoch_sums is not None:
+            sums = epoch_sums["sums"].to(torch.float64).clone()
+            count, skipped_steps = int(epoch_sums["count"]), int(epoch_sums["skipped_steps"])
+            epoch_sums = None
+        count_start = count
         t0 = time.perf_counter()
         bar = _progress(loader, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and main,
                         initial=state.step_in_epoch, total=steps_per_epoch)
@@ -296,13 +425,16 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             set_step_values(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
             images = images.to(device, non_blocking=True)
             views = [v.contiguous(memory_format=memory_format) for v in augment(images, aug_gen)]
+            buffers = _snapshot_buffers(model, teacher) if cfg.train.nonfinite == "skip" else []
             terms, finite = train_step(forward_model, criterion, optimizer, views, device=device, precision=precision,
                                        scaler=scaler, clip_grad=cfg.optim.clip_grad, teacher=teacher)
             if not finite:
-                msg = f"non-finite loss or gradient at epoch {epoch + 1}, step {it} (loss={terms.loss.item():.4g})"
+                msg = (f"non-finite loss or gradient at optimiser step {it + 1} (epoch {epoch + 1}, step "
+                       f"{state.step_in_epoch + 1} of {steps_per_epoch}; loss={terms.loss.item():.4g})")
                 if cfg.train.nonfinite == "stop":
-                    raise TrainingError(msg + "; stopping, the last checkpoint is intact "
-                                              "(set train.nonfinite=skip to skip such steps)")
+                    kept = f"the last checkpoint ({ckpt_path}) is intact" if ckpt_path.exists() else "no checkpoint was written"
+                    raise TrainingError(f"{msg}; stopped, {kept} (set train.nonfinite=skip to skip such steps)")
+                _restore_buffers(buffers)
                 if main:
                     print(f"twist: {msg}; step skipped", file=sys.stderr)
                 skipped_steps += 1
@@ -335,7 +467,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "loss": means[0].item(), "consistency": means[1].item(), "sharpness": means[2].item(),
             "diversity": means[3].item(), "lr": float(lr_schedule[state.global_step - 1]),
             "weight_decay": float(wd_schedule[state.global_step - 1]),
-            "images_per_sec": count * global_batch / max(elapsed, 1e-9), "epoch_seconds": elapsed,
+            "images_per_sec": (count - count_start) * global_batch / max(elapsed, 1e-9), "epoch_seconds": elapsed,
             "skipped_steps": skipped_steps,
         }
         last_epoch = epoch + 1 == cfg.train.epochs
@@ -346,9 +478,11 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                                          channels_last=cfg.train.channels_last))
         state.epoch = epoch + 1
         state.step_in_epoch = 0
+        if main:  # logged before the checkpoint: a crash in between re-runs this epoch, whose line resume drops
+            append_jsonl(metrics_path, record)
+            skipped_written = _report_skipped(dataset, out, skipped_written)
         checkpoint()
         if main:
-            append_jsonl(metrics_path, record)
             if writer is not None:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and k != "epoch":
