@@ -269,6 +269,22 @@ def test_colour_ops_match_torchvision(name, channels):
         torch.testing.assert_close(y, ref_fn(x, 1.2), atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_hue_and_solarize_variants_agree(per_channel):
+    # the channel-by-channel form (CPU default) and the three-channel form (GPU default)
+    x = _float_images()
+    shift = torch.tensor([-0.5, -0.1, 0.0, 0.05, 0.1, 0.5])
+    ref = torch.cat([TF.adjust_hue(x[i:i + 1], float(shift[i])) for i in range(6)])
+    torch.testing.assert_close(adjust_hue(x, shift, per_channel=per_channel), ref, atol=2e-6, rtol=0)
+    y = x.clone()
+    assert adjust_hue(y, shift, inplace=True, per_channel=per_channel) is y
+    torch.testing.assert_close(y, ref, atol=2e-6, rtol=0)
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    out = solarize(x, mask, per_channel=per_channel)
+    torch.testing.assert_close(out, torch.where(mask.bool().view(-1, 1, 1, 1), TF.solarize(x, 0.5), x),
+                               atol=0, rtol=0)
+
+
 def test_hue_on_special_colours():
     # greys, primaries, secondaries, ties between channels, black and white
     vals = torch.tensor([[0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0],
@@ -448,8 +464,9 @@ def test_dataset_stats():
     x = _images(b=37, h=5, w=7)
     mean, std = dataset_stats(x, chunk_elements=300)  # many small chunks
     xf = x.double() / 255
+    ref_std = xf.std(dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), xf.mean(dim=(0, 2, 3)), atol=1e-9, rtol=0)
-    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), xf.std(dim=(0, 2, 3), unbiased=False), atol=1e-9, rtol=0)
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), ref_std, atol=1e-9, rtol=0)
     m2, s2 = dataset_stats(x.numpy())
     assert np.allclose(m2, mean) and np.allclose(s2, std)
     m3, s3 = dataset_stats(torch.full((4, 1, 3, 3), 7, dtype=torch.uint8))

@@ -194,10 +194,12 @@ def _is_max(channel: torch.Tensor, maxc: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, inplace: bool = False,
-               ws: "_Workspace | None" = None) -> torch.Tensor:
+               ws: "_Workspace | None" = None, per_channel: bool | None = None) -> torch.Tensor:
     """Rotate the hue of RGB images by ``shift`` turns (torchvision's ``adjust_hue``: RGB -> HSV,
     ``h = (h + shift) mod 1``, HSV -> RGB), all in batched tensor operations. Identity for
-    one-channel images. Temporaries are one channel in size (taken from ``ws`` when given)."""
+    one-channel images. Temporaries are one channel in size (taken from ``ws`` when given);
+    ``per_channel`` (default: on CPU) writes the output channel by channel, otherwise with fewer,
+    three-channel operations (fewer kernel launches on a GPU)."""
     if x.shape[1] != 3:
         return x if inplace else x.clone()
     shape1 = (x.shape[0], 1, *x.shape[2:])
@@ -227,10 +229,15 @@ def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, inplace: bool = Fal
     h.add_(s * 6.0)
     h.sub_(torch.mul(h, 1.0 / 6.0, out=t_r).floor_(), alpha=6.0)  # wrap into [0, 6)
     out = x if inplace else torch.empty_like(x)  # x is not read after this point
-    for ch in range(3):  # channel n of (R, G, B): |(6h + n) mod 6 - 3| = ||6h + n - 6| - 3|, n = 6, 4, 2
-        k = torch.sub(h, 2.0 * ch, out=t_g).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-        torch.addcmul(minc, k, delta, out=out[:, ch:ch + 1])
-    return out
+    # channel n of (R, G, B) sits at clamp(||6h + n - 6| - 3| - 1, 0, 1) between min and max, n = 6, 4, 2
+    if per_channel if per_channel is not None else x.device.type == "cpu":
+        for ch in range(3):
+            k = torch.sub(h, 2.0 * ch, out=t_g).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+            torch.addcmul(minc, k, delta, out=out[:, ch:ch + 1])
+        return out
+    offsets = torch.arange(3, device=x.device, dtype=x.dtype).mul_(-2.0).view(1, 3, *([1] * (x.dim() - 2)))
+    k = torch.add(h.expand(x.shape), offsets).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    return torch.addcmul(minc, k, delta, out=out)
 
 
 def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -302,17 +309,20 @@ def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor, kernel_size: int
     return _blur_planes(x.reshape(n * c, h, w).clone(), weights).view(n, c, h, w)
 
 
-def solarize(x: torch.Tensor, apply: float | torch.Tensor = 1.0, inplace: bool = False) -> torch.Tensor:
+def solarize(x: torch.Tensor, apply: float | torch.Tensor = 1.0, inplace: bool = False,
+             per_channel: bool | None = None) -> torch.Tensor:
     """Invert the pixels >= 0.5 (``1 - x``) of the samples where ``apply`` (per sample (N,), or
     broadcastable; 0/1 floats or bools) is 1. Computed as ``x - max(2x - 1, 0)``, which equals
-    ``min(x, 1 - x)`` exactly in float32 for x in [0, 1]."""
+    ``min(x, 1 - x)`` exactly in float32 for x in [0, 1]. ``per_channel`` (default: on CPU) works
+    a channel at a time, with smaller temporaries."""
     if torch.is_tensor(apply) and apply.dtype == torch.bool:
         apply = apply.to(x.dtype)
     a = _per_sample(apply, x)
     out = x if inplace else x.clone()
-    for ch in range(out.shape[1]):  # one channel at a time: smaller temporaries
-        xc = out[:, ch:ch + 1]
-        xc.sub_(torch.mul(xc, 2.0).sub_(1.0).clamp_min_(0.0).mul_(a))
+    parts = [out[:, ch:ch + 1] for ch in range(out.shape[1])] \
+        if (per_channel if per_channel is not None else x.device.type == "cpu") else [out]
+    for part in parts:
+        part.sub_(torch.mul(part, 2.0).sub_(1.0).clamp_min_(0.0).mul_(a))
     return out
 
 
