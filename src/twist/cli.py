@@ -227,8 +227,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from twist.train import train
 
     record = train(cfg, args.data, out, progress=not args.no_progress)
-    print(f"run folder: {out}")
-    _print_metrics(record)
+    from twist.distributed import is_main_process
+
+    if is_main_process():  # under torchrun every process returns here; one summary is enough
+        print(f"run folder: {out}")
+        _print_metrics(record)
     return 0
 
 

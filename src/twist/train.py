@@ -376,6 +376,9 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
     def checkpoint() -> None:
         rng = {str(rank): _rng_state(aug_gen)}
+        # mid-epoch: the mean over ranks of the running loss sums, so that the resumed epoch's
+        # logged means (averaged over ranks again at its end) are those of an uninterrupted run
+        saved_sums = tdist.all_reduce_mean_nograd(sums) if state.step_in_epoch else None
         if world > 1:
             rng = tdist.gather_objects(rng)
         if not main:
@@ -387,7 +390,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": vars(state).copy(),
-            "epoch_sums": {"sums": sums.clone(), "count": count, "skipped_steps": skipped_steps}
+            "epoch_sums": {"sums": saved_sums.clone(), "count": count, "skipped_steps": skipped_steps}
             if state.step_in_epoch else None,
             "rng_per_rank": rng,
             "config": cfg.to_dict(),
