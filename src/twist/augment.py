@@ -61,14 +61,14 @@ The pipeline of one view (BYOL / DINO order, torchvision's definition of each op
 6. Normalise ``(x - mean) / std``. Each view is a contiguous ``float32`` (B, C, S, S) slice of
    one new (V, B, C, S, S) tensor per resolution.
 
-Speed notes. All views of one resolution are processed as one view-major (V * B, C, S, S) batch
-with per-(view, sample) parameters of shape (V * B, 1, 1, 1), so the number of tensor operations per
-call does not grow with the batch or the number of views. Per-sample choices (apply or not) are
-0/1 float factors rather than boolean masks: on CPU, comparisons and ``torch.where`` are several
-times slower than float arithmetic. Large temporaries are avoided (in-place operations,
-one-channel temporaries) and, on CPU, the resampling intermediates are reused between calls:
-on some machines touching freshly allocated memory costs more than the arithmetic on it.
-``benchmarks/augment_speed.py`` measures a call.
+Speed notes. All views of one resolution are processed as one view-major (V * B, C, S, S)
+batch with per-(view, sample) parameters of shape (V * B, 1, 1, 1), so the number of tensor
+operations per call does not grow with the batch or the number of views. Per-sample choices
+(apply or not) are 0/1 float factors used in arithmetic or ``lerp``, never boolean masks: on
+CPU, operations on bool tensors (``torch.where``, ``&``) are several times slower than float
+arithmetic. Large temporaries are avoided (in-place operations, one-channel temporaries) and,
+on CPU, the intermediates are reused from call to call: on some machines touching freshly
+allocated memory costs more than the arithmetic on it. ``benchmarks/augment_speed.py`` measures a call.
 
 The small ``adjust_*`` / ``rgb_to_grayscale`` / ``gaussian_blur`` / ``solarize`` functions take
 explicit per-sample factors and are what the pipeline uses; they are public so that they can
@@ -182,17 +182,6 @@ def adjust_saturation(x: torch.Tensor, factor: float | torch.Tensor, inplace: bo
 # HSV -> RGB: channel n of (R, G, B) sits at position clamp(|(6 h + n) mod 6 - 3| - 1, 0, 1) between
 # the pixel's minimum (0) and maximum (1), with n = 6, 4, 2 (torchvision's table in closed form).
 # For 6 h in [0, 6), |(6 h + n) mod 6 - 3| = ||6 h + n - 6| - 3|, so no modulo is needed per channel.
-_BIG = 1e30  # turns "a - max >= 0" into a 0/1 float mask with arithmetic only
-
-
-def _is_max(channel: torch.Tensor, maxc: torch.Tensor) -> torch.Tensor:
-    """1.0 where channel == maxc (channel <= maxc everywhere), else 0.0, as float arithmetic.
-
-    (Comparisons and ``torch.where`` produce/consume bool tensors, which are several times
-    slower than float arithmetic on CPU.)"""
-    return (channel - maxc).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
-
-
 def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, inplace: bool = False,
                ws: "_Workspace | None" = None, per_channel: bool | None = None) -> torch.Tensor:
     """Rotate the hue of RGB images by ``shift`` turns (torchvision's ``adjust_hue``: RGB -> HSV,
@@ -215,29 +204,32 @@ def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, inplace: bool = Fal
     minc = torch.minimum(r, g, out=tmp("min"))
     minc = torch.minimum(minc, b, out=minc)
     delta = torch.sub(maxc, minc, out=tmp("delta"))
-    inv = torch.clamp_min(delta, 1e-12, out=tmp("inv")).reciprocal_()  # numerators are 0 where delta is 0
-    # 1 where the channel is the maximum (r wins ties, then g, then b, as torchvision), else 0
-    is_r = torch.sub(r, maxc, out=tmp("is_r")).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
-    is_g = torch.sub(g, maxc, out=tmp("is_g")).mul_(_BIG).add_(1.0).clamp_(0.0, 1.0)
-    is_g.mul_(1.0 - is_r)
-    # hue in sextants: (g - b) if r is the max, (b - r) + 2 delta if g, (r - g) + 4 delta if b
+    is_r = torch.ge(r, maxc, out=tmp("is_r"))  # 1.0 where r is the maximum, else 0.0
+    is_g = torch.ge(g, maxc, out=tmp("is_g"))
+    # hue in sextants, delta times: (r - g) + 4 delta if b is the max, (b - r) + 2 delta if g,
+    # (g - b) if r; r wins ties, then g (as torchvision; tied branches give the same hue anyway).
+    # lerp with a 0/1 weight picks exactly one of its ends.
     h = torch.sub(r, g, out=tmp("h")).add_(delta, alpha=4.0)
-    t_r = torch.sub(g, b, out=tmp("t1")).sub_(h).mul_(is_r)
-    t_g = torch.sub(b, r, out=tmp("t2")).add_(delta, alpha=2.0).sub_(h).mul_(is_g)
-    h.add_(t_r).add_(t_g).mul_(inv)  # in [-1, 5)
+    t = torch.sub(b, r, out=tmp("t")).add_(delta, alpha=2.0)
+    h.lerp_(t, is_g)
+    h.lerp_(torch.sub(g, b, out=t), is_r)
+    h.div_(torch.clamp_min(delta, 1e-12, out=t))  # in [-1, 5); the numerators are 0 where delta is 0
     s = _per_sample(shift, x)
     h.add_(s * 6.0)
-    h.sub_(torch.mul(h, 1.0 / 6.0, out=t_r).floor_(), alpha=6.0)  # wrap into [0, 6)
+    h.sub_(torch.mul(h, 1.0 / 6.0, out=t).floor_(), alpha=6.0)  # wrap into [0, 6)
+    # HSV -> RGB: channel n of (R, G, B) is min + delta * clamp(||6h + n - 6| - 3| - 1, 0, 1), n = 6, 4, 2,
+    # computed as (min - delta) + delta * clamp(||6h + n - 6| - 3|, 1, 2)
+    base = torch.sub(minc, delta, out=tmp("base"))
     out = x if inplace else torch.empty_like(x)  # x is not read after this point
-    # channel n of (R, G, B) sits at clamp(||6h + n - 6| - 3| - 1, 0, 1) between min and max, n = 6, 4, 2
     if per_channel if per_channel is not None else x.device.type == "cpu":
-        for ch in range(3):
-            k = torch.sub(h, 2.0 * ch, out=t_g).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-            torch.addcmul(minc, k, delta, out=out[:, ch:ch + 1])
+        torch.addcmul(base, torch.sub(h, 3.0, out=t).abs_().clamp_(1.0, 2.0), delta, out=out[:, 0:1])
+        for ch in (1, 2):
+            k = torch.sub(h, 2.0 * ch, out=t).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+            torch.addcmul(base, k, delta, out=out[:, ch:ch + 1])
         return out
     offsets = torch.arange(3, device=x.device, dtype=x.dtype).mul_(-2.0).view(1, 3, *([1] * (x.dim() - 2)))
-    k = torch.add(h.expand(x.shape), offsets).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    return torch.addcmul(minc, k, delta, out=out)
+    k = torch.add(h.expand(x.shape), offsets).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+    return torch.addcmul(base, k, delta, out=out)
 
 
 def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -548,9 +540,13 @@ class MultiCropAugment:
             passes the dataset's statistics (:func:`dataset_stats`).
         global_scale, local_scale: override ``cfg.global_scale`` / ``cfg.local_scale`` (the
             self-labeling stage uses harder crops).
+        resample: ``"grid"`` (``F.grid_sample``), ``"separable"`` (two 1-D passes, the same
+            result) or ``"auto"``: grid on GPUs, separable on CPU.
 
     Calling it with uint8 images (B, C, H, W) (any device) and a CPU ``torch.Generator`` returns
-    ``num_views`` float32 tensors ``[global_1, global_2, local_1, ...]`` of shape (B, C, S, S).
+    ``num_views`` float32 tensors ``[global_1, global_2, local_1, ...]`` of shape (B, C, S, S),
+    new on every call (the views of one resolution are slices of one tensor). An instance keeps
+    CPU buffers between calls: do not call one instance from two threads at once.
     """
 
     def __init__(self, cfg: AugmentConfig, channels: int, mean: Sequence[float] | None = None,
