@@ -84,7 +84,8 @@ class AugmentConfig:
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     """Gaussian blur probability for (global 1, global 2, local crops)."""
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Blur sigma range, in pixels at 224 px; scaled with the crop size."""
+    """Blur sigma range, in pixels at 224 px; scaled by global_size / 224 for every view
+    (local crops included, so the 224/96 recipe keeps sigma 0.1-2 px everywhere)."""
     solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
     """Solarize probability for (global 1, global 2, local crops)."""
     interpolation: str = "bicubic"
