@@ -4,6 +4,8 @@
     twist eval CHECKPOINT DATA [--protocol cluster,knn,linear,semi] [--train-data TRAIN] [--json]
     twist predict CHECKPOINT IMAGES --out predictions.csv [--embeddings emb.npy]
     twist report RUN_DIR_OR_CHECKPOINT [DATA] --out report/
+    twist import RELEASE_FILE --out RUN_DIR [--trust-pickle]
+    twist export CHECKPOINT --format torchvision|timm|safetensors|detectron2 --out FILE
 
 User errors (bad options, missing files, unusable data) print one line starting with
 ``twist: error:`` and exit with status 2; no traceback.
