@@ -98,3 +98,36 @@ def test_presets_build_models():
     cfg = get_preset("digits")
     model = build_model(cfg.model, in_channels=1)
     assert model.num_classes == cfg.model.num_classes
+
+
+def test_extra_heads_share_the_backbone_and_promotion_swaps_values_and_optimizer_state():
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="small_cnn", small_cnn_width=8, hidden_dim=16, num_classes=4, num_heads=3)
+    model = build_model(cfg, in_channels=1)
+    assert len(model.heads) == 3 and model.heads[0] is model.head
+    views = [torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16)]
+    outs = model(views, all_heads=True)
+    assert len(outs) == 3 and all(len(o) == 2 and o[0].shape == (8, 4) for o in outs)
+    torch.testing.assert_close(outs[0][0], model(views)[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sum(o[0].square().sum() + o[1].sum() for o in outs).backward()
+    opt.step()
+    model.eval()
+    x = torch.randn(5, 1, 16, 16)
+    before = [h(model.backbone(x)) for h in model.heads]
+    mom_before = opt.state[model.heads[2].last_linear.weight]["momentum_buffer"].clone()
+    params_before = [id(p) for p in model.parameters()]
+    model.promote_head(2, opt)
+    after = [h(model.backbone(x)) for h in model.heads]
+    torch.testing.assert_close(after[0], before[2])
+    torch.testing.assert_close(after[2], before[0])
+    torch.testing.assert_close(after[1], before[1])
+    torch.testing.assert_close(opt.state[model.head.last_linear.weight]["momentum_buffer"], mom_before)
+    assert [id(p) for p in model.parameters()] == params_before  # same parameter objects
+    assert "extra_heads.1.last_linear.weight" in model.state_dict()
+
+
+def test_single_head_model_has_no_extra_heads():
+    model = build_model(ModelConfig(backbone="small_cnn", small_cnn_width=8, hidden_dim=16, num_classes=4), 1)
+    assert len(model.heads) == 1
+    assert not any(k.startswith("extra_heads") for k in model.state_dict())

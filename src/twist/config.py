@@ -35,6 +35,10 @@ class ModelConfig:
     """Head activation: relu (ResNet recipes) or gelu (ViT recipes)."""
     nbs: bool = True
     """Non-affine BatchNorm on the logits before the softmax (the paper's NBS). Essential."""
+    num_heads: int = 1
+    """Heads trained side by side on one backbone (each its own TWIST loss). After every epoch
+    the head with the lowest loss becomes the model's head; the rest only guard against a
+    head stuck in a poor partition (two classes in one cluster), as SCAN's several heads do."""
     bunch_size: int = 256
     """Images per synchronisation group of the NBS in distributed runs."""
     small_cnn_width: int = 64
@@ -192,6 +196,9 @@ class TwistConfig:
         _check(m.hidden_dim >= 1, "model.hidden_dim", m.hidden_dim, "positive")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
         _check(m.bunch_size >= 2, "model.bunch_size", m.bunch_size, "at least 2")
+        _check(m.num_heads >= 1, "model.num_heads", m.num_heads, "at least 1")
+        _check(m.num_heads == 1 or not self.ema.enabled, "model.num_heads", m.num_heads,
+               "1 when ema.enabled (the EMA teacher recipe has one head)")
         _check(m.small_cnn_width >= 1, "model.small_cnn_width", m.small_cnn_width, "positive")
         _check(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
         _check(lo.tau > 0, "loss.tau", lo.tau, "positive")

@@ -58,6 +58,9 @@ class TwistTerms:
     consistency: torch.Tensor
     sharpness: torch.Tensor
     diversity: torch.Tensor
+    head_losses: torch.Tensor | None = None
+    """With several heads (model.num_heads > 1): every head's loss, detached; the other
+    fields are those of the model's own head (head 0)."""
 
     def logged(self) -> dict[str, float]:
         """Plain floats for logging, averaged over processes (equal to the 1-process values)."""

@@ -26,10 +26,16 @@ from twist.head import TwistHead
 
 
 class TwistModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: TwistHead):
+    """Backbone + head. ``head`` is the model's classifier; ``extra_heads`` (when
+    ``num_heads > 1``) are further heads trained alongside it, of which the best is swapped
+    into ``head`` by :meth:`promote_head`."""
+
+    def __init__(self, backbone: nn.Module, head: TwistHead, extra_heads: list[TwistHead] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        if extra_heads:
+            self.extra_heads = nn.ModuleList(extra_heads)
 
     @property
     def num_classes(self) -> int:
@@ -52,12 +58,51 @@ class TwistModel(nn.Module):
             start = end
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
-    def forward(self, views: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-        """Logits for each view: a list of (B, C) tensors in the order of ``views``."""
+    def forward(self, views: list[torch.Tensor] | torch.Tensor, all_heads: bool = False):
+        """Logits for each view: a list of (B, C) tensors in the order of ``views``.
+
+        With ``all_heads=True``, one such list per head (see :meth:`forward_heads`).
+        """
         if isinstance(views, torch.Tensor):
             views = [views]
+        if all_heads:
+            return self.forward_heads(views)
         logits = self.head(self.backbone_views(views))
         return list(logits.split([v.shape[0] for v in views]))
+
+    @property
+    def heads(self) -> list[TwistHead]:
+        """Every head, the model's own first."""
+        return [self.head, *getattr(self, "extra_heads", [])]
+
+    def forward_heads(self, views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Logits of every head for each view: ``out[h][v]`` is (B, C); backbone run once."""
+        feats = self.backbone_views(views)
+        sizes = [v.shape[0] for v in views]
+        return [list(h(feats).split(sizes)) for h in self.heads]
+
+    @torch.no_grad()
+    def promote_head(self, index: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Make head ``index`` the model's head by swapping it with head 0 in place.
+
+        Values are exchanged, not modules, so parameter objects (and DDP's view of them) stay
+        put; the optimiser's per-parameter state (momentum, Adam moments) is exchanged too.
+        """
+        if index == 0:
+            return
+        a, b = self.head, self.heads[index]
+        pairs = list(zip(a.parameters(), b.parameters())) + list(zip(a.buffers(), b.buffers()))
+        for x, y in pairs:
+            tmp = x.detach().clone()
+            x.copy_(y)
+            y.copy_(tmp)
+        if optimizer is not None:
+            for x, y in zip(a.parameters(), b.parameters()):
+                sx, sy = optimizer.state.pop(x, None), optimizer.state.pop(y, None)
+                if sy is not None:
+                    optimizer.state[x] = sy
+                if sx is not None:
+                    optimizer.state[y] = sx
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, D): the representation that is evaluated and exported."""
@@ -70,6 +115,6 @@ class TwistModel(nn.Module):
 
 def build_model(cfg: ModelConfig, in_channels: int = 3) -> TwistModel:
     backbone = build_backbone(cfg, in_channels)
-    head = TwistHead(backbone.feature_dim, cfg.hidden_dim, cfg.num_classes, cfg.activation, cfg.nbs,
-                     vit_init=cfg.backbone.startswith("vit_"))
-    return TwistModel(backbone, head)
+    heads = [TwistHead(backbone.feature_dim, cfg.hidden_dim, cfg.num_classes, cfg.activation, cfg.nbs,
+                       vit_init=cfg.backbone.startswith("vit_")) for _ in range(cfg.num_heads)]
+    return TwistModel(backbone, heads[0], heads[1:])

@@ -251,14 +251,16 @@ def convert_sync_batchnorm(model: nn.Module, bunch_size: int, per_rank_batch: in
     objects are kept, so optimisers, EMA teachers and state dicts are unaffected.
     """
     impl = _resolve_impl(impl, device)
-    nbs = getattr(getattr(model, "head", None), "norm", None)
-    if isinstance(nbs, _BatchNorm) and not isinstance(nbs, (SyncBatchNorm, nn.SyncBatchNorm)):
+    heads = getattr(model, "heads", None) or ([model.head] if hasattr(model, "head") else [])
+    todo = [h for h in heads if isinstance(getattr(h, "norm", None), _BatchNorm)
+            and not isinstance(h.norm, (SyncBatchNorm, nn.SyncBatchNorm))]
+    skip = []
+    if todo:
         group, _ = bunch_groups(bunch_size, per_rank_batch)
-        model.head.norm = _sync_bn_like(nbs, group, impl)
-        skip = (model.head.norm,)
-    else:
-        skip = ()
-    return _convert(model, None, impl, skip)
+        for h in todo:
+            h.norm = _sync_bn_like(h.norm, group, impl)
+            skip.append(h.norm)
+    return _convert(model, None, impl, tuple(skip))
 
 
 def wrap_distributed(model: nn.Module, bunch_size: int, per_rank_batch: int, device: torch.device | str,

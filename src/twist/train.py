@@ -63,6 +63,28 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the system.
+
+    By default every tensor over 32 MB (most activations of a training step) is a fresh
+    ``mmap``, so each step touches new pages again; on VMs and containers those page faults cost
+    10-15% of a CPU training step (benchmarks/throughput.py, docs/benchmarks.md). Serving all
+    allocations from the heap and never trimming it makes later steps reuse the pages of
+    earlier ones; the process then keeps its peak heap (about 10-20% above the default's peak
+    resident memory). Process-wide; called by :func:`train` on CPU. Returns False (and changes
+    nothing) without glibc or when the environment variable ``TWIST_DEFAULT_MALLOC`` is set."""
+    if os.environ.get("TWIST_DEFAULT_MALLOC") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
@@ -266,6 +288,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.train.precision, device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     if main:
         prepare_output(out)
 
@@ -413,7 +437,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         loader = batch_loader(dataset, cfg.train.batch_size, shuffle=True, drop_last=True, seed=cfg.train.seed,
                               epoch=epoch, rank=rank, world_size=world, num_workers=cfg.train.num_workers,
                               start_batch=state.step_in_epoch)
-        sums = torch.zeros(4, dtype=torch.float64)
+        # running sums of loss, consistency, sharpness, diversity (+ the other heads' losses)
+        sums = torch.zeros(4 + cfg.model.num_heads - 1, dtype=torch.float64)
         count, skipped_steps = 0, 0
         if epoch_sums is not None:
             sums = epoch_sums["sums"].to(torch.float64).clone()
@@ -446,7 +471,10 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                     from twist.ema import update_teacher
 
                     update_teacher(teacher, unwrap(model), float(momentum_schedule[it]))
-                sums += torch.stack([terms.loss, terms.consistency, terms.sharpness, terms.diversity]).detach().double().cpu()
+                logged = [terms.loss, terms.consistency, terms.sharpness, terms.diversity]
+                if terms.head_losses is not None:
+                    logged += list(terms.head_losses[1:])
+                sums += torch.stack(logged).detach().double().cpu()
                 count += 1
             state.global_step += 1
             state.step_in_epoch += 1
@@ -473,6 +501,13 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "images_per_sec": (count - count_start) * global_batch / max(elapsed, 1e-9), "epoch_seconds": elapsed,
             "skipped_steps": skipped_steps,
         }
+        if cfg.model.num_heads > 1:
+            # the head with the lowest epoch loss becomes the model's head (same choice on every rank)
+            head_losses = means[[0, *range(4, len(means))]]
+            best = int(torch.argmin(head_losses))
+            unwrap(model).promote_head(best, optimizer)
+            record["head_losses"] = head_losses.tolist()
+            record["promoted_head"] = best
         last_epoch = epoch + 1 == cfg.train.epochs
         if val.labels is not None and cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
             record.update(evaluate_model(unwrap(model), val, eval_transform, device=device, precision=precision,
@@ -518,21 +553,29 @@ def train_step(model: nn.Module, criterion: TwistLoss, optimizer: torch.optim.Op
     finite the step is not taken and the gradients are cleared, and the caller applies its
     policy (stop or skip). The EMA teacher update is left to the caller.
     """
+    multi_head = len(getattr(unwrap(model), "heads", ())) > 1
     with autocast_context(device, precision):
-        student = model(views)
+        student = model(views, all_heads=True) if multi_head else model(views)
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(views[:2])
-    terms = criterion(student, teacher=teacher_logits)
+    if multi_head:  # each head its own TWIST loss; their sum trains the shared backbone
+        per_head = [criterion(logits) for logits in student]
+        terms = per_head[0]
+        loss = torch.stack([t.loss for t in per_head]).sum()
+        terms.head_losses = torch.stack([t.loss.detach() for t in per_head])
+    else:
+        terms = criterion(student, teacher=teacher_logits)
+        loss = terms.loss
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
-        scaler.scale(terms.loss).backward()
+        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
-        terms.loss.backward()
+        loss.backward()
     # every process must take the same decision (a rank-local loss can be non-finite alone)
-    if not tdist.all_true(_all_finite(terms.loss, model), device):
+    if not tdist.all_true(_all_finite(loss, model), device):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
