@@ -1,0 +1,35 @@
+"""Smoke test of benchmarks/throughput.py: it runs end to end with tiny settings and ends its
+stdout with one JSON line holding the documented keys. No timing is asserted (speed targets
+live in the benchmark and docs/benchmarks.md, not in tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+def test_throughput_script_tiny_run():
+    cmd = [sys.executable, str(SCRIPT), "--preset", "cifar10", "--backbone", "small_cnn", "--batch-size", "8",
+           "--steps", "1", "--windows", "1", "--warmup", "1", "--breakdown-steps", "1", "--num-images", "32",
+           "--threads", "1", "--baseline-workers", "0", "--num-local", "1",
+           "--sweep", "--sweep-batch", "8", "--sweep-classes", "16", "--sweep-local", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    for key in ("ceiling_ips", "full_ips", "baseline_ips", "peak_mem_mb", "full_over_ceiling", "full_over_baseline",
+                "loss_share", "head_share", "breakdown_ms", "state_mb", "load_start", "load_end", "sweep"):
+        assert key in result, key
+    for key in ("ceiling_ips", "full_ips", "baseline_ips"):
+        assert result[key] > 0
+    assert result["views"] == 3 and result["batch_size"] == 8
+    assert {"augment", "backbone_fwd", "head_fwd", "loss_fwd", "loss_bwd", "optimizer", "total"} <= set(result["breakdown_ms"])
+    assert {(r["batch_size"], r["num_classes"], r["num_local"]) for r in result["sweep"]} == {(8, 10, 1), (8, 16, 1), (8, 10, 0)}
+    if sys.platform.startswith("linux"):
+        assert result["peak_mem_mb"] > 0
