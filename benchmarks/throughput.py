@@ -35,17 +35,18 @@ step; the loss is also timed alone on random logits of the same shapes.
 
 Memory (``peak_mem_mb``): the full step's model state (parameters, gradients, optimiser state,
 augmentation buffers; summed from the tensors' sizes) plus the step's peak transient memory
-(activations, temporaries), measured on one extra, untimed step of each phase after the windows:
+(activations, temporaries). The transient part is measured on one step of each phase in a fresh
+process after one warm-up step (so the timed process's allocator state plays no part):
   * on CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the step's start
     (after ``reset_peak_memory_stats``);
   * on CPU (Linux): the process's peak resident set size (VmHWM in /proc/self/status) during the
-    step minus its resident size at the step's start. Before the step, allocations over 128 KiB
-    are switched back to mmap (glibc ``mallopt``; twist train serves them from the heap, see
-    ``twist.train.keep_freed_cpu_memory``), freed memory is handed back to the system
-    (``malloc_trim(0)``) and the peak is reset (``echo 5 > /proc/self/clear_refs``), so the figure
-    follows the live tensors of the step, like the CUDA one. torch does not count CPU
+    step minus its resident size at the step's start. That process serves every allocation over
+    128 KiB with its own mmap (glibc ``mallopt(M_MMAP_THRESHOLD)``), hands freed memory back
+    (``malloc_trim(0)``) and resets the peak (``echo 5 > /proc/self/clear_refs``) before the
+    step, so the figure follows the live tensors like the CUDA one. torch does not count CPU
     allocations (``torch.cuda`` statistics do not apply), hence RSS. Elsewhere it is null.
-    The timed windows never trim: freed pages stay mapped from one step to the next.
+    A training process holds more than this: glibc keeps freed memory in its heap
+    (``twist.train.keep_freed_cpu_memory`` on purpose), 10-30% on top in our measurements.
 The baseline's figure covers the main process only (its loader workers hold the PIL work).
 
 The script ends its stdout with one JSON line (``ceiling_ips``, ``full_ips``, ``baseline_ips``,
@@ -129,22 +130,15 @@ def _malloc_trim() -> None:
         libc.malloc_trim(0)
 
 
-_M_MMAP_THRESHOLD, _M_MMAP_MAX = -3, -4
-MALLOC_REUSE = False
-"""True once this process called twist.train.keep_freed_cpu_memory (all allocations from the heap)."""
+_M_MMAP_THRESHOLD = -3
 
 
-def _mmap_large_allocations(on: bool) -> None:
-    """While measuring memory under ``keep_freed_cpu_memory``, serve allocations over 128 KiB by
-    mmap again, so that the resident size follows the live tensors (no heap fragmentation)."""
+def _mmap_from_now_on() -> None:
+    """Serve every allocation over 128 KiB with its own mmap, given back on free: the resident
+    size then follows the live tensors (used by the memory-measuring processes only)."""
     libc = _libc()
-    if not MALLOC_REUSE or libc is None or not hasattr(libc, "mallopt"):
-        return
-    if on:
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(_M_MMAP_MAX, 65536)
-    else:
-        libc.mallopt(_M_MMAP_MAX, 0)
 
 
 def _reset_rss_peak() -> bool:
@@ -172,7 +166,6 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             self.ok = True
         else:
-            _mmap_large_allocations(True)
             _malloc_trim()
             self.ok = _reset_rss_peak()
             self.base = _proc_kib("VmRSS") or 0
@@ -184,7 +177,6 @@ class PeakMemory:
             self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
         else:
             hwm = _proc_kib("VmHWM")
-            _mmap_large_allocations(False)
             self.peak_mb = (hwm - self.base) / 1024 if self.ok and hwm is not None else None
 
 
@@ -505,8 +497,7 @@ def _baseline_server(conn, argv: list[str], malloc_reuse: bool) -> None:
             torch.set_num_threads(args.threads)
         cfg = build_config(args)
         device = resolve_device(cfg.train.device)
-        global MALLOC_REUSE
-        reused = MALLOC_REUSE = device.type == "cpu" and malloc_reuse and keep_freed_cpu_memory()
+        reused = device.type == "cpu" and malloc_reuse and keep_freed_cpu_memory()
         dataset = load_data(cfg, args)
         mean, std = dataset_stats(dataset.images)
         base = ReleaseBaseline(cfg, dataset, device, args.baseline_workers, mean, std)
@@ -529,10 +520,6 @@ def _baseline_server(conn, argv: list[str], malloc_reuse: bool) -> None:
                 tm = Timing()
                 time_window(base, n, device, tm)
                 out = (tm.wall[0], tm.cpu[0])
-            elif cmd == "memory":
-                tm = Timing()
-                memory_step(base, device, tm)
-                out = tm.mem[0] if tm.mem else None
             else:  # "state"
                 out = base.state_mb()
             conn.send(("ok", out))
@@ -616,22 +603,58 @@ def time_window(phase, steps: int, device: torch.device, timing: Timing) -> None
     timing.load.append(load)
 
 
-def memory_step(phase, device: torch.device, timing: Timing) -> None:
-    """One untimed step under :class:`PeakMemory` (freed memory is first handed back, so the
-    step after it faults its pages in again: never inside a timed window)."""
-    if isinstance(phase, BaselineProcess):
-        mb = phase.call("memory")
-        if mb is not None:
-            timing.mem.append(mb)
-        return
-    if isinstance(phase, ReleaseBaseline):
-        phase.new_window()
-    with PeakMemory(device) as mem:
+def _memory_server(conn, argv: list[str], kind: str, point: tuple[int, int, int] | None) -> None:
+    """Peak memory of one step of phase ``kind`` in a fresh process whose allocations over 128 KiB
+    are each an mmap (so RSS follows the live tensors, with no heap left over from other work),
+    after one warm-up step (optimiser state, gradients and library caches then exist)."""
+    try:
+        _mmap_from_now_on()
+        args = parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cfg = build_config(args)
+        if point is not None:
+            cfg.train.batch_size, cfg.model.num_classes, cfg.augment.num_local = point
+        device = resolve_device(cfg.train.device)
+        precision = resolve_precision(cfg.train.precision, device)
+        dataset = load_data(cfg, args)
+        mean, std = dataset_stats(dataset.images)
+        if kind == "ceiling":
+            phase = Ceiling(cfg, dataset.channels, device, False)
+        elif kind == "full":
+            phase = FullStep(cfg, dataset, device, precision, False, mean, std)
+        else:
+            phase = ReleaseBaseline(cfg, dataset, device, args.baseline_workers, mean, std)
         phase.step()
-    if isinstance(phase, ReleaseBaseline):
-        phase.it = None
-    if mem.peak_mb is not None:
-        timing.mem.append(mem.peak_mb)
+        with PeakMemory(device) as mem:
+            phase.step()
+        out = (mem.peak_mb, phase.state_mb())
+        if isinstance(phase, ReleaseBaseline):
+            phase.it = None
+        conn.send(("ok", out))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def measure_memory(argv: list[str], kind: str, point: tuple[int, int, int] | None = None) -> tuple[float | None, float]:
+    """(peak transient MB, state MB) of one ``kind`` step, measured by :func:`_memory_server`."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_memory_server, args=(child, list(argv), kind, point))
+    proc.start()
+    try:
+        if not conn.poll(3600):
+            raise RuntimeError(f"the memory process ({kind}) did not answer")
+        status, out = conn.recv()
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.terminate()
+    if status == "error":
+        raise RuntimeError(f"memory process ({kind}): {out}")
+    return out
 
 
 def run_phases(phases: list, args, device: torch.device, full: "FullStep") -> tuple[dict[str, Timing], list]:
@@ -663,7 +686,12 @@ def run_phases(phases: list, args, device: torch.device, full: "FullStep") -> tu
     for w in range(len(breakdowns), max(1, args.breakdown_steps)):
         breakdowns.append(full.breakdown())
     for p in phases:
-        memory_step(p, device, timings[p.name])
+        if args.no_memory:
+            break
+        _log(f"memory: one {p.name} step in a fresh process")
+        mb, _ = measure_memory(args.argv, p.name)
+        if mb is not None:
+            timings[p.name].mem.append(mb)
     return timings, breakdowns
 
 
@@ -727,7 +755,10 @@ def sweep(base: TwistConfig, dataset: ImageDataset, device: torch.device, precis
         for _ in range(args.sweep_windows):
             time_window(step, args.steps, device, tm)
         parts = step.breakdown()
-        memory_step(step, device, tm)
+        if not args.no_memory:
+            mb, _ = measure_memory(args.argv, "full", key)
+            if mb is not None:
+                tm.mem.append(mb)
         state = step.state_mb()
         row = {"varied": what, "batch_size": b, "num_classes": c, "num_local": n,
                "full_ips": round(tm.ips(args.steps * b), 1), "cpu_s_per_step": round(statistics.median(tm.cpu) / args.steps, 3),
@@ -777,6 +808,7 @@ def parse_args(argv=None):
     ap.add_argument("--sweep-classes", type=int, nargs="+", default=[10, 1024, 4096, 16384])
     ap.add_argument("--sweep-local", type=int, nargs="+", default=[0, 2, 4, 6])
     ap.add_argument("--sweep-windows", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc malloc's defaults (twist train keeps freed CPU memory for reuse)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -786,12 +818,12 @@ def parse_args(argv=None):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.argv = argv
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)
     device = resolve_device(cfg.train.device)
-    global MALLOC_REUSE
-    malloc_reuse = MALLOC_REUSE = device.type == "cpu" and not args.default_malloc and keep_freed_cpu_memory()
+    malloc_reuse = device.type == "cpu" and not args.default_malloc and keep_freed_cpu_memory()
     precision = resolve_precision(cfg.train.precision, device)
     dataset = load_data(cfg, args)
     mean, std = dataset_stats(dataset.images)
