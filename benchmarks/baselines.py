@@ -181,7 +181,7 @@ def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, st
             terms, finite = train_step(model, criterion, optimizer, views, device=device, precision=precision,
                                        clip_grad=cfg.optim.clip_grad)
             skipped += int(not finite)
-            run += float(terms.loss) if finite else 0.0
+            run += float(terms.loss.detach()) if finite else 0.0
             if finite and terms.head_losses is not None:
                 head_sums += terms.head_losses.double().cpu()
             step += 1

@@ -64,7 +64,6 @@ import copy
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -75,7 +74,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -83,7 +81,7 @@ from twist.augment import MultiCropAugment, dataset_stats
 from twist.config import TwistConfig, apply_overrides, get_preset
 from twist.data import ImageDataset, batch_loader, load_dataset
 from twist.loss import TwistLoss
-from twist.model import TwistModel, build_model
+from twist.model import build_model
 from twist.optim import build_optimizer, set_step_values
 from twist.train import autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision, train_step
 
