@@ -8,7 +8,8 @@ than the crops, over the levels of an anti-aliasing pyramid.
 
 Randomness. Every random number is drawn on the CPU from the ``torch.Generator`` passed to
 :meth:`MultiCropAugment.__call__` (the global CPU generator when none is given), in a fixed
-order and amount that does not depend on the configuration. The small per-sample parameter
+order and amount that does not depend on the configuration (apart from two more uniforms per
+(view, sample) when rotation or shear is on, see step 1). The small per-sample parameter
 tensors are then moved to the device in one transfer per crop resolution, so a fixed seed gives
 the same crops, flips and colour factors on every run and on every device, and no GPU->CPU
 synchronisation happens.
@@ -38,6 +39,20 @@ The pipeline of one view (BYOL / DINO order, torchvision's definition of each op
    Normalised coordinates do not depend on the resolution, so the same map serves every level.
    With the presets (256 px images for 224/96 crops, 32 px for 32/16) ``f < 2`` always and the
    pyramid is never built.
+   Rotation and shear (``cfg.rotation``, ``cfg.shear``; 0 in every preset, as in the paper).
+   Digits keep their identity under small rotations and slants, and without these invariances
+   a clustering head can split a class by writing style (4/9, 3/5/8 on MNIST). Each view is
+   then ``affine(flip(crop(image)))``, with the affine part about the view's centre and in its
+   square output coordinates, as torchvision's ``affine(view, angle=-rotation, translate=[0, 0],
+   scale=1, shear=[shear, 0])``: the view is sheared horizontally, then rotated
+   counter-clockwise by ``rotation`` degrees (torchvision's ``rotate`` convention); both
+   angles are uniform in [-max, max] per (view, sample). The whole map is one general 2x3
+   affine map, resampled in the same single pass, always with grid_sample (the separable
+   passes only handle axis-aligned maps) and border padding: a rotated view's corners read
+   the image around the crop box, and outside the image the edge pixels (black on digits).
+   Its uniforms are drawn after all the others of their crop resolution, and only when
+   rotation or shear is non-zero, so with both at 0 the random stream and the output are
+   those of the pipeline without them.
 2. Colour jitter with probability ``jitter_p``: brightness, contrast, saturation and hue with
    factors drawn like torchvision's ``ColorJitter`` (factor uniform in [max(0, 1 - x), 1 + x];
    hue shift uniform in [-hue, hue]). torchvision shuffles the order of the four operations per
@@ -77,6 +92,7 @@ be tested against torchvision one by one.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -125,12 +141,15 @@ _C_SOLAR = _C_SIGMA + 1
 _N_RANDOM = _C_SOLAR + 1
 
 # Rows of the packed per-(view, sample) parameter array (_N_PARAMS, V, B) moved to the device.
-_P_AX, _P_TX, _P_AY, _P_TY = 0, 1, 2, 3  # crop + flip as x_in = ax * x_out + tx (normalised coordinates)
+# crop + flip as x_in = ax * x_out + tx, y_in = ay * y_out + ty (normalised coordinates); with
+# rotation/shear also x_in += bx * y_out, y_in += by * x_out (rows _P_BX, _P_BY)
+_P_AX, _P_TX, _P_AY, _P_TY = 0, 1, 2, 3
 _P_BRIGHTNESS, _P_CONTRAST, _P_SATURATION, _P_HUE = 4, 5, 6, 7
 _P_GRAY = 8
 _P_SIGMA = 9
 _P_SOLAR = 10
-_N_PARAMS = 11
+_P_BX, _P_BY = 11, 12
+_N_PARAMS = 13
 _NO_BLUR_SIGMA = 1e-3  # a sigma whose kernel is exactly [.., 0, 1, 0, ..] in float32
 
 
@@ -435,11 +454,12 @@ def _crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, floa
     return top, left, h, w
 
 
-def _sampling_grid(p: torch.Tensor, b: int, nviews: int, size: int) -> torch.Tensor:
+def _sampling_grid(p: torch.Tensor, b: int, nviews: int, size: int, affine: bool = False) -> torch.Tensor:
     """The ``F.affine_grid(theta, align_corners=False)`` grids of axis-aligned maps
     ``x_in = ax * x_out + tx``, ``y_in = ay * y_out + ty`` (flips have ax < 0; parameters
     ``p[row]`` shaped (V, B)), built separably (a fraction of affine_grid's cost), all views of a
-    sample stacked along the output height: (B, V * size, size, 2)."""
+    sample stacked along the output height: (B, V * size, size, 2). ``affine``: general maps,
+    with the cross terms ``x_in += bx * y_out``, ``y_in += by * x_out`` (rotation, shear)."""
     base = (torch.arange(size, device=p.device, dtype=p.dtype) * 2.0 + 1.0) / size - 1.0  # pixel centres
 
     def per_sample(row: int) -> torch.Tensor:
@@ -447,6 +467,9 @@ def _sampling_grid(p: torch.Tensor, b: int, nviews: int, size: int) -> torch.Ten
 
     gx = torch.addcmul(per_sample(_P_TX), per_sample(_P_AX), base.view(1, 1, 1, size))
     gy = torch.addcmul(per_sample(_P_TY), per_sample(_P_AY), base.view(1, 1, size, 1))
+    if affine:
+        gx = torch.addcmul(gx, per_sample(_P_BX), base.view(1, 1, size, 1))
+        gy = torch.addcmul(gy, per_sample(_P_BY), base.view(1, 1, 1, size))
     grid = torch.empty((b, nviews, size, size, 2), device=p.device, dtype=p.dtype)
     grid[..., 0] = gx
     grid[..., 1] = gy
@@ -454,11 +477,12 @@ def _sampling_grid(p: torch.Tensor, b: int, nviews: int, size: int) -> torch.Ten
 
 
 def _resample_grid(src: torch.Tensor, p: torch.Tensor, nviews: int, size: int, mode: str,
-                   ws: _Workspace | None = None) -> torch.Tensor:
-    """Crop + flip of every view with one ``F.grid_sample`` (views stacked along the grid's height,
-    so the input is not copied per view): (B, C, H, W) -> (V, B, C, S, S), a new tensor."""
+                   ws: _Workspace | None = None, affine: bool = False) -> torch.Tensor:
+    """Crop + flip (+ rotation and shear when ``affine``) of every view with one ``F.grid_sample``
+    (views stacked along the grid's height, so the input is not copied per view):
+    (B, C, H, W) -> (V, B, C, S, S), a new tensor."""
     b, c = src.shape[:2]
-    grid = _sampling_grid(p, b, nviews, size)
+    grid = _sampling_grid(p, b, nviews, size, affine)
     out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.view(b, c, nviews, size, size).permute(2, 0, 1, 3, 4).contiguous()
 
@@ -541,7 +565,8 @@ class MultiCropAugment:
         global_scale, local_scale: override ``cfg.global_scale`` / ``cfg.local_scale`` (the
             self-labeling stage uses harder crops).
         resample: ``"grid"`` (``F.grid_sample``), ``"separable"`` (two 1-D passes, the same
-            result) or ``"auto"``: grid on GPUs, separable on CPU.
+            result) or ``"auto"``: grid on GPUs, separable on CPU. With rotation or shear the
+            maps are not axis-aligned and grid is used whatever this says.
 
     Calling it with uint8 images (B, C, H, W) (any device) and a CPU ``torch.Generator`` returns
     ``num_views`` float32 tensors ``[global_1, global_2, local_1, ...]`` of shape (B, C, S, S),
@@ -559,6 +584,12 @@ class MultiCropAugment:
         self.resample = resample
         if cfg.interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
+        if not (0 <= cfg.rotation <= 180 and 0 <= cfg.shear < 45):
+            raise ValueError(f"rotation must be in [0, 180] and shear in [0, 45) degrees, "
+                             f"got rotation={cfg.rotation}, shear={cfg.shear}")
+        # the ranges the rotation and shear angles are drawn from, in degrees (tests pin them to one angle)
+        self.rotation_range = (-float(cfg.rotation), float(cfg.rotation))
+        self.shear_range = (-float(cfg.shear), float(cfg.shear))
         self.cfg = cfg
         self.channels = channels
         self.mean = _norm_stats(mean, DEFAULT_MEAN, channels, "mean")
@@ -579,8 +610,10 @@ class MultiCropAugment:
 
     def __repr__(self) -> str:
         c = self.cfg
+        geo = f", rotation={c.rotation}, shear={c.shear}" if c.rotation or c.shear else ""
         return (f"MultiCropAugment(2 x {c.global_size}px + {c.num_local} x {c.local_size}px, channels={self.channels}, "
-                f"global_scale={self.global_scale}, local_scale={self.local_scale}, interpolation={c.interpolation})")
+                f"global_scale={self.global_scale}, local_scale={self.local_scale}, "
+                f"interpolation={c.interpolation}{geo})")
 
     def _resample_method(self, device: torch.device) -> str:
         """auto: grid_sample on GPUs, the separable passes on CPU (faster there, bicubic above all,
@@ -613,17 +646,32 @@ class MultiCropAugment:
         u = torch.rand((b, nviews, _N_RANDOM), generator=generator, dtype=torch.float64).numpy()
         u = u.transpose(1, 0, 2)  # everything below is view-major: (V, B)
         order = torch.randperm(4, generator=generator).tolist()
+        affine = any(self.rotation_range) or any(self.shear_range)
+        rotation = shear = None  # degrees, (V, B)
+        if affine:  # drawn last and only when on: without rotation/shear the stream is unchanged
+            ua = torch.rand((b, nviews, 2), generator=generator, dtype=torch.float64).numpy().transpose(1, 0, 2)
+            (r0, r1), (s0, s1) = self.rotation_range, self.shear_range
+            rotation, shear = r0 + (r1 - r0) * ua[..., 0], s0 + (s1 - s0) * ua[..., 1]
 
         params = np.zeros((_N_PARAMS, nviews, b), dtype=np.float32)
         top, left, h, w = _crop_boxes(u, height, width, scale, cfg.ratio)
         flip = u[..., _C_FLIP] < cfg.flip_p
-        params[_P_AX] = np.where(flip, -w / width, w / width)
+        ax, ay = np.where(flip, -w / width, w / width), h / height
         params[_P_TX] = (2 * left + w) / width - 1
-        params[_P_AY] = h / height
         params[_P_TY] = (2 * top + h) / height - 1
-        # anti-aliasing level: the residual downscale factor at level L is max(h, w) / size / 2^L < 2
+        footprint = np.maximum(h, w)  # input pixels per output side
+        if affine:
+            # view coordinates (square, y down) -> flipped crop coordinates: the inverse of a
+            # horizontal shear followed by a counter-clockwise rotation: [[1, tan], [0, 1]] @ [[cos, -sin], [sin, cos]]
+            cos, sin, tan = np.cos(np.radians(rotation)), np.sin(np.radians(rotation)), np.tan(np.radians(shear))
+            m00, m01, m10, m11 = cos + tan * sin, tan * cos - sin, sin, cos
+            params[_P_AX], params[_P_BX], params[_P_BY], params[_P_AY] = ax * m00, ax * m01, ay * m10, ay * m11
+            footprint = np.maximum(np.hypot(w * m00, h * m10), np.hypot(w * m01, h * m11))
+        else:
+            params[_P_AX], params[_P_AY] = ax, ay
+        # anti-aliasing level: the residual downscale factor at level L is footprint / size / 2^L < 2
         max_level = max(0, int(math.floor(math.log2(max(1, min(height, width))))))
-        levels = np.clip(np.floor(np.log2(np.maximum(h, w) / size)), 0, max_level).astype(np.int64)
+        levels = np.clip(np.floor(np.log2(footprint / size)), 0, max_level).astype(np.int64)
 
         jitter = u[..., _C_JITTER] < cfg.jitter_p
         for col, amount in enumerate((cfg.brightness, cfg.contrast, cfg.saturation)):
@@ -640,7 +688,7 @@ class MultiCropAugment:
         solar = u[..., _C_SOLAR] < np.asarray(solar_p, dtype=np.float64)[:, None]
         params[_P_SOLAR] = solar
         return dict(params=params, order=order, levels=levels, jitter=bool(jitter.any()), gray=bool(gray.any()),
-                    blur=blur, sigma=sigma, solar=bool(solar.any()))
+                    blur=blur, sigma=sigma, solar=bool(solar.any()), affine=affine, rotation=rotation, shear=shear)
 
     # ------------------------------------------------------------------ one crop resolution
     def _views(self, pyramid: list[torch.Tensor], nviews: int, size: int, scale: tuple[float, float],
@@ -657,8 +705,12 @@ class MultiCropAugment:
         def col(i: int) -> torch.Tensor:  # a per-(view, sample) parameter, broadcast over (V*B, C, S, S)
             return p[i].view(n, 1, 1, 1)
 
-        # ---- crop + flip: one resampling of all views of this resolution (per pyramid level used)
-        resample = _RESAMPLERS[self._resample_method(device)]
+        # ---- crop + flip (+ rotation, shear): one resampling of all views of this resolution (per
+        # pyramid level used); general affine maps need grid_sample
+        if d["affine"]:
+            resample = functools.partial(_resample_grid, affine=True)
+        else:
+            resample = _RESAMPLERS[self._resample_method(device)]
         levels = d["levels"]
         xv = None
         for level in np.unique(levels).tolist():
