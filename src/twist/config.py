@@ -420,13 +420,27 @@ def _digits() -> TwistConfig:
 
 
 def _mnist() -> TwistConfig:
+    """MNIST on a CPU: the digits recipe at 20 px, plus rotation and shear.
+
+    Without rotation/shear the head settled on writing style instead of identity (test ACC
+    0.76: 4 and 9 merged and then split by slant, 3/5/8 mixed) while kNN on the same features
+    was 0.97; rotating views by up to 15 degrees and shearing them by up to 10 makes slant a
+    nuisance the views must agree over, and the head then separates the digits (0.97 after two
+    epochs). 20 px (downsampled from 28) about halves the cost of a step; 28 px with rotation
+    was not tried. 60000 images give 234 steps per epoch at batch 256, so the digits preset's batch of 64 is
+    not needed here.
+    """
     c = _digits()
     c.preset = "mnist"
-    c.augment.global_size = 28
-    c.augment.local_size = 16
-    c.train.image_size = 28
-    c.train.epochs = 15
-    c.train.eval_every = 1
+    c.augment.global_size = 20
+    c.augment.local_size = 12
+    c.augment.rotation = 15.0
+    c.augment.shear = 10.0
+    c.optim.lr = 2e-3
+    c.train.image_size = 20
+    c.train.batch_size = 256
+    c.train.epochs = 8
+    c.train.eval_every = 2
     return c
 
 
