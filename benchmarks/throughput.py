@@ -31,7 +31,8 @@ Images per second count source images (one image = all its 2 + N views). The rat
 A time breakdown of the full step (instrumented steps after the timed windows: data,
 augmentation, backbone forward, head forward, loss forward, loss backward, head backward,
 backbone backward, finiteness check, optimiser) gives the loss's and the head's shares of the
-step; the loss is also timed alone on random logits of the same shapes.
+step, all heads' together when the model has several (``model.num_heads``, as ``train_step``
+trains them); one head's loss is also timed alone on random logits of the same shapes.
 
 Memory (``peak_mem_mb``): the full step's model state (parameters, gradients, optimiser state,
 augmentation buffers; summed from the tensors' sizes) plus the step's peak transient memory
@@ -303,10 +304,17 @@ class FullStep:
     # ------------------------------------------------------------------ instrumented step
     def breakdown(self) -> dict[str, float]:
         """One step of the same work, cut into timed parts (ms). The forward is called piece by
-        piece exactly as ``TwistModel.forward`` does; backward parts are timed with gradient hooks
-        on the logits and the backbone features."""
+        piece exactly as ``TwistModel.forward`` (``forward_heads`` with several heads) does, and
+        the loss as ``train_step`` computes it: with ``model.num_heads > 1`` every head's logits,
+        every head's loss, their sum backpropagated. Backward parts are timed with gradient
+        hooks on every head's logits and on the backbone features. A hook on the logits runs
+        when the head's backward starts, and autograd runs every loss's backward (nodes created
+        after all heads' forward) before any head's: loss_bwd (all heads' losses) ends at the
+        first logits hook, head_bwd (all heads) at the features hook."""
         cfg, dev = self.cfg, self.device
         model = self.model
+        heads = model.heads
+        multi_head = len(heads) > 1  # as in train_step
         marks: dict[str, float] = {}
 
         def now() -> float:
@@ -325,20 +333,31 @@ class FullStep:
         lap("data")
         views = [v.contiguous(memory_format=self.memory_format) for v in self.augment(images, self.gen)]
         lap("augment")
+        sizes = [v.shape[0] for v in views]
         with autocast_context(dev, self.precision):
             feats = model.backbone_views(views)
             lap("backbone_fwd")
-            logits = model.head(feats)
+            logits = [h(feats) for h in heads] if multi_head else [model.head(feats)]
             lap("head_fwd")
-        student = list(logits.split([v.shape[0] for v in views]))
-        terms = self.criterion(student)
+        per_head = [self.criterion(list(lg.split(sizes))) for lg in logits]
+        terms = per_head[0]
+        if multi_head:  # each head its own TWIST loss; their sum trains the shared backbone
+            loss = torch.stack([h.loss for h in per_head]).sum()
+            terms.head_losses = torch.stack([h.loss.detach() for h in per_head])
+        else:
+            loss = terms.loss
         lap("loss_fwd")
         self.optimizer.zero_grad(set_to_none=True)
         hook_times: dict[str, float] = {}
         feats.register_hook(lambda g: hook_times.__setitem__("feats", now()))
-        logits.register_hook(lambda g: hook_times.__setitem__("logits", now()))
+        def head_backward_starts(_grad) -> None:  # the first one to fire ends the losses' backward
+            if "logits" not in hook_times:
+                hook_times["logits"] = now()
+
+        for lg in logits:
+            lg.register_hook(head_backward_starts)
         start = now()
-        terms.loss.backward()
+        loss.backward()
         end = now()
         marks["loss_bwd"] = (hook_times.get("logits", start) - start) * 1e3
         marks["head_bwd"] = (hook_times.get("feats", end) - hook_times.get("logits", start)) * 1e3
@@ -346,7 +365,7 @@ class FullStep:
         t.append(end)
         from twist.train import _all_finite
 
-        ok = _all_finite(terms.loss, model)
+        ok = _all_finite(loss, model)
         lap("finite_check")
         if ok:
             if cfg.optim.clip_grad > 0:
@@ -894,8 +913,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if pil_ms is not None:
         print(f"augmentation of one batch: twist batched {parts['augment']:.1f} ms, release-style per-image PIL "
               f"{pil_ms:.1f} ms (one process; the baseline spreads it over {args.baseline_workers} worker(s))")
-    print(f"loss {loss_ms:.1f} ms = {100 * loss_ms / total:.2f}% of the step (alone on random logits: "
-          f"{loss_alone:.1f} ms = {100 * loss_alone / total:.2f}%); head {head_ms:.1f} ms = "
+    heads = f"{cfg.model.num_heads} heads' " if cfg.model.num_heads > 1 else ""
+    print(f"{heads}loss {loss_ms:.1f} ms = {100 * loss_ms / total:.2f}% of the step (one head's alone on random "
+          f"logits: {loss_alone:.1f} ms = {100 * loss_alone / total:.2f}%); {heads}head {head_ms:.1f} ms = "
           f"{100 * head_ms / total:.2f}%")
     if full.nonfinite:
         print(f"warning: {full.nonfinite} full step(s) had a non-finite loss and skipped the optimiser")
@@ -903,6 +923,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "preset": cfg.preset, "backbone": cfg.model.backbone, "batch_size": batch,
         "num_local": cfg.augment.num_local, "num_classes": cfg.model.num_classes, "views": views,
+        "num_heads": cfg.model.num_heads,
         "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
         "ceiling_precision": best_precision(device), "channels_last": cfg.train.channels_last,
         "compile": args.compile, "malloc_reuse": malloc_reuse, "data": dataset.name,
