@@ -405,6 +405,9 @@ def _digits() -> TwistConfig:
       each make it rarer (over 9 seeds: 7 at 0.95-0.96, one 0.946, one 0.896). Hidden width 2048
       over 512 helped; width 64, SGD, an EMA teacher, batch 512, small (0.3-0.6) local crops and
       annealing tau from 2 did not.
+    - Rotation (up to 15 degrees) and shear (up to 10), found on MNIST where without them the
+      head split digits by slant: here they lifted the worst seeds (seed 2 0.946 -> 0.963, seed 5
+      0.896 -> 0.995) and every seed we ran landed at 0.956-0.995.
     """
     c = TwistConfig(preset="digits")
     c.model = ModelConfig(backbone="small_cnn", num_classes=10, hidden_dim=2048, small_cnn_width=32, num_heads=5)
@@ -412,7 +415,7 @@ def _digits() -> TwistConfig:
     c.augment = AugmentConfig(global_size=16, local_size=12, num_local=2, global_scale=(0.7, 1.0), ratio=(0.9, 1.1),
                               local_scale=(0.5, 1.0), flip_p=0.0, jitter_p=0.8, brightness=0.4, contrast=0.4,
                               saturation=0.0, hue=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), blur_sigma=(0.1, 2.0),
-                              solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear")
+                              solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear", rotation=15.0, shear=10.0)
     # lr is per 256 images: 4e-3 x 64 / 256 = 1e-3 at batch 64
     c.optim = OptimConfig(name="adamw", lr=4e-3, warmup_epochs=5, weight_decay=1e-4, min_lr_ratio=0.01)
     c.train = TrainConfig(epochs=20, batch_size=64, image_size=16, eval_every=5)
@@ -420,7 +423,7 @@ def _digits() -> TwistConfig:
 
 
 def _mnist() -> TwistConfig:
-    """MNIST on a CPU: the digits recipe at 20 px, plus rotation and shear.
+    """MNIST on a CPU: the digits recipe (rotation and shear included) at 20 px.
 
     Without rotation/shear the head settled on writing style instead of identity (test ACC
     0.76: 4 and 9 merged and then split by slant, 3/5/8 mixed) while kNN on the same features
@@ -434,8 +437,6 @@ def _mnist() -> TwistConfig:
     c.preset = "mnist"
     c.augment.global_size = 20
     c.augment.local_size = 12
-    c.augment.rotation = 15.0
-    c.augment.shear = 10.0
     c.optim.lr = 2e-3
     c.train.image_size = 20
     c.train.batch_size = 256
