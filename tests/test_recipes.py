@@ -131,4 +131,4 @@ def test_dry_run_prints_batches_and_schedules(capsys, monkeypatch):
 
     assert main(["train", "digits", "--dry-run"]) == 0
     err = capsys.readouterr().err
-    assert "1,797 images" in err and "steps/epoch: 7" in err
+    assert "1,797 images" in err and "steps/epoch: 28" in err  # batch 64
