@@ -84,7 +84,8 @@ from twist.data import ImageDataset, batch_loader, load_dataset
 from twist.loss import TwistLoss
 from twist.model import build_model
 from twist.optim import build_optimizer, set_step_values
-from twist.train import autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision, train_step
+from twist.train import (autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision,
+                         sum_head_losses, train_step)
 
 
 def _log(msg: str) -> None:
@@ -340,11 +341,10 @@ class FullStep:
             logits = [h(feats) for h in heads] if multi_head else [model.head(feats)]
             lap("head_fwd")
         per_head = [self.criterion(list(lg.split(sizes))) for lg in logits]
-        terms = per_head[0]
-        if multi_head:  # each head its own TWIST loss; their sum trains the shared backbone
-            loss = torch.stack([h.loss for h in per_head]).sum()
-            terms.head_losses = torch.stack([h.loss.detach() for h in per_head])
+        if multi_head:
+            terms, loss = sum_head_losses(per_head)
         else:
+            terms = per_head[0]
             loss = terms.loss
         lap("loss_fwd")
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from test_augment import _plain as _plain_any_size
 from twist.augment import _N_RANDOM, MultiCropAugment
 from twist.config import AugmentConfig, ConfigError, TwistConfig
 
@@ -21,12 +22,8 @@ BILINEAR = InterpolationMode.BILINEAR
 
 
 def _plain(**kw) -> AugmentConfig:
-    """One-channel, full-image 28 px crops, no flip, no colour: only the geometry acts."""
-    base = dict(global_size=28, local_size=12, num_local=0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0),
-                interpolation="bilinear")
-    base.update(kw)
-    return AugmentConfig(**base)
+    """test_augment's geometry-only config (full-image crops, no flip, no colour) at 28 / 12 px."""
+    return _plain_any_size(**{"global_size": 28, "local_size": 12, **kw})
 
 
 def _square_images() -> torch.Tensor:

@@ -274,10 +274,13 @@ class TwistLoss(nn.Module):
         p = torch.softmax(z.to(dtype) / self.tau, dim=-1)
         return p, torch.log(p + self.eps)
 
+    def _entropy(self, mean_p: torch.Tensor) -> torch.Tensor:
+        """H_eps over the last dimension: -sum_c m log(m + eps) of each batch-mean distribution."""
+        return -(mean_p * torch.log(mean_p + self.eps)).sum(dim=-1)
+
     def _diversity(self, p: torch.Tensor) -> torch.Tensor:
         """H_eps of the (global) batch-mean distribution of one view."""
-        mean_p = all_reduce_mean(p.mean(dim=0))
-        return -(mean_p * torch.log(mean_p + self.eps)).sum()
+        return self._entropy(all_reduce_mean(p.mean(dim=0)))
 
     @staticmethod
     def _check(views: Sequence[torch.Tensor], what: str) -> None:
@@ -320,7 +323,7 @@ class TwistLoss(nn.Module):
         # ordinary autograd, so that the all-reduce over processes keeps its own backward.
         pair_loss, sharpness, cross, mean_p = _PairTerms.apply(self.alpha, self.tau, self.eps, *views)
         mean_p = all_reduce_mean(mean_p)  # (V, C): each view's mean over the global batch
-        div = -(mean_p * torch.log(mean_p + self.eps)).sum(dim=1)  # H_eps of each view's mean
+        div = self._entropy(mean_p)  # H_eps of each view's mean
         diversity = weight * (_view_counts(n, div.dtype, div.device) * div).sum()
         # Per pair: 0.5 * (KL(a||b) + KL(b||a)) = 0.5 * (-H_a - H_b - X(a,b) - X(b,a)).
         consistency = -sharpness - weight * cross

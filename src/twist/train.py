@@ -543,6 +543,15 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     return last
 
 
+def sum_head_losses(per_head: list) -> tuple:
+    """With several heads (model.num_heads > 1) each head has its own TWIST loss and their sum
+    trains the shared backbone. Returns head 0's terms, carrying every head's detached loss in
+    ``head_losses`` (the lowest one is promoted after the epoch), and the summed loss."""
+    terms = per_head[0]
+    terms.head_losses = torch.stack([t.loss.detach() for t in per_head])
+    return terms, torch.stack([t.loss for t in per_head]).sum()
+
+
 def train_step(model: nn.Module, criterion: TwistLoss, optimizer: torch.optim.Optimizer, views: list[torch.Tensor], *,
                device: torch.device, precision: str, scaler=None, clip_grad: float = 0.0,
                teacher: nn.Module | None = None):
@@ -560,11 +569,8 @@ def train_step(model: nn.Module, criterion: TwistLoss, optimizer: torch.optim.Op
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(views[:2])
-    if multi_head:  # each head its own TWIST loss; their sum trains the shared backbone
-        per_head = [criterion(logits) for logits in student]
-        terms = per_head[0]
-        loss = torch.stack([t.loss for t in per_head]).sum()
-        terms.head_losses = torch.stack([t.loss.detach() for t in per_head])
+    if multi_head:
+        terms, loss = sum_head_losses([criterion(logits) for logits in student])
     else:
         terms = criterion(student, teacher=teacher_logits)
         loss = terms.loss
