@@ -314,7 +314,7 @@ class FullStep:
         first logits hook, head_bwd (all heads) at the features hook."""
         cfg, dev = self.cfg, self.device
         model = self.model
-        heads = model.heads
+        heads = model.trained_heads
         multi_head = len(heads) > 1  # as in train_step
         marks: dict[str, float] = {}
 
@@ -913,7 +913,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if pil_ms is not None:
         print(f"augmentation of one batch: twist batched {parts['augment']:.1f} ms, release-style per-image PIL "
               f"{pil_ms:.1f} ms (one process; the baseline spreads it over {args.baseline_workers} worker(s))")
-    heads = f"{cfg.model.num_heads} heads' " if cfg.model.num_heads > 1 else ""
+    n_heads = cfg.model.num_heads + (1 if cfg.model.overcluster_classes else 0)
+    heads = f"{n_heads} heads' " if n_heads > 1 else ""
     print(f"{heads}loss {loss_ms:.1f} ms = {100 * loss_ms / total:.2f}% of the step (one head's alone on random "
           f"logits: {loss_alone:.1f} ms = {100 * loss_alone / total:.2f}%); {heads}head {head_ms:.1f} ms = "
           f"{100 * head_ms / total:.2f}%")
@@ -923,7 +924,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "preset": cfg.preset, "backbone": cfg.model.backbone, "batch_size": batch,
         "num_local": cfg.augment.num_local, "num_classes": cfg.model.num_classes, "views": views,
-        "num_heads": cfg.model.num_heads,
+        "num_heads": cfg.model.num_heads, "overcluster_classes": cfg.model.overcluster_classes,
         "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
         "ceiling_precision": best_precision(device), "channels_last": cfg.train.channels_last,
         "compile": args.compile, "malloc_reuse": malloc_reuse, "data": dataset.name,

@@ -46,6 +46,8 @@ def test_bad_overrides(item, needle):
     ("loss.tau=0", "loss.tau"),
     ("augment.global_scale=0.5,0.2", "augment.global_scale"),
     ("train.precision=fp8", "bf16"),
+    ("model.overcluster_classes=1", "model.overcluster_classes"),
+    ("model.overcluster_classes=-3", "model.overcluster_classes"),
 ])
 def test_bad_values_fail_validation(item, needle):
     cfg = apply_overrides(TwistConfig(), [item])

@@ -131,3 +131,59 @@ def test_single_head_model_has_no_extra_heads():
     model = build_model(ModelConfig(backbone="small_cnn", small_cnn_width=8, hidden_dim=16, num_classes=4), 1)
     assert len(model.heads) == 1
     assert not any(k.startswith("extra_heads") for k in model.state_dict())
+
+
+def test_overcluster_head_is_trained_but_never_a_candidate():
+    cfg = ModelConfig(backbone="small_cnn", small_cnn_width=8, hidden_dim=16, num_classes=4, num_heads=2,
+                      overcluster_classes=12)
+    model = build_model(cfg, in_channels=1)
+    assert len(model.heads) == 2 and len(model.trained_heads) == 3
+    assert model.trained_heads[-1] is model.aux_heads[0] and model.aux_heads[0] not in model.heads
+    views = [torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16), torch.randn(8, 1, 12, 12)]
+    outs = model(views, all_heads=True)
+    assert [o[0].shape[1] for o in outs] == [4, 4, 12]
+    assert all(len(o) == 3 and [v.shape[0] for v in o] == [8, 8, 8] for o in outs)
+    assert model(views)[0].shape == (8, 4) and model.num_classes == 4  # the classifier is unchanged
+    assert "aux_heads.0.last_linear.weight" in model.state_dict()
+    # its loss reaches the backbone
+    outs[-1][0].square().sum().backward()
+    assert model.backbone.features[0].weight.grad.abs().sum() > 0
+    assert model.head.last_linear.weight.grad is None
+
+
+def test_train_step_updates_the_overcluster_head():
+    from twist.loss import TwistLoss
+    from twist.train import train_step
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="small_cnn", small_cnn_width=4, hidden_dim=16, num_classes=4, overcluster_classes=8)
+    model = build_model(cfg, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.aux_heads[0].last_linear.weight.detach().clone()
+    views = [torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16)]
+    terms, finite = train_step(model, TwistLoss(), opt, views, device=torch.device("cpu"), precision="fp32")
+    assert finite and terms.head_losses.shape == (2,)
+    assert not torch.equal(before, model.aux_heads[0].last_linear.weight)
+
+
+def test_training_logs_the_overcluster_loss_and_never_promotes_it(tmp_path):
+    import numpy as np
+
+    from twist.config import apply_overrides, get_preset
+    from twist.train import train
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x=rng.integers(0, 256, size=(16, 16, 16), dtype=np.uint8), y=np.arange(16) % 4)
+    cfg = apply_overrides(get_preset("digits"), [
+        "model.small_cnn_width=4", "model.hidden_dim=16", "model.num_classes=4", "model.num_heads=2",
+        "model.overcluster_classes=8", "train.batch_size=8", "train.epochs=2", "train.eval_every=0",
+        "train.precision=fp32", "train.device=cpu", "model.bunch_size=8"])
+    record = train(cfg, str(data), tmp_path / "run", progress=False)
+    # candidates are the two C=4 heads only; the over-clustering head's loss is logged apart
+    assert len(record["head_losses"]) == 2
+    assert record["promoted_head"] == min(range(2), key=lambda i: record["head_losses"][i])
+    assert record["overcluster_loss"] not in record["head_losses"]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["model"]["aux_heads.0.last_linear.weight"].shape == (8, 16)
+    assert state["model"]["head.last_linear.weight"].shape == (4, 16)

@@ -39,6 +39,10 @@ class ModelConfig:
     """Heads trained side by side on one backbone (each its own TWIST loss). After every epoch
     the head with the lowest loss becomes the model's head; the rest only guard against a
     head stuck in a poor partition (two classes in one cluster), as SCAN's several heads do."""
+    overcluster_classes: int = 0
+    """C of one more head trained alongside (0 = none): an over-clustering head, as IIC's
+    auxiliary head. Its TWIST loss is added to the others', so it shapes the backbone's features
+    with a finer partition than num_classes, but it is never promoted to be the classifier."""
     bunch_size: int = 256
     """Images per synchronisation group of the NBS in distributed runs."""
     small_cnn_width: int = 64
@@ -206,6 +210,10 @@ class TwistConfig:
         _check(m.num_heads >= 1, "model.num_heads", m.num_heads, "at least 1")
         _check(m.num_heads == 1 or not self.ema.enabled, "model.num_heads", m.num_heads,
                "1 when ema.enabled (the EMA teacher recipe has one head)")
+        _check(m.overcluster_classes == 0 or m.overcluster_classes >= 2, "model.overcluster_classes",
+               m.overcluster_classes, "0 (none) or at least 2")
+        _check(m.overcluster_classes == 0 or not self.ema.enabled, "model.overcluster_classes",
+               m.overcluster_classes, "0 when ema.enabled (the EMA teacher recipe has one head)")
         _check(m.small_cnn_width >= 1, "model.small_cnn_width", m.small_cnn_width, "positive")
         _check(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
         _check(lo.tau > 0, "loss.tau", lo.tau, "positive")

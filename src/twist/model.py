@@ -28,14 +28,18 @@ from twist.head import TwistHead
 class TwistModel(nn.Module):
     """Backbone + head. ``head`` is the model's classifier; ``extra_heads`` (when
     ``num_heads > 1``) are further heads trained alongside it, of which the best is swapped
-    into ``head`` by :meth:`promote_head`."""
+    into ``head`` by :meth:`promote_head`. ``aux_heads`` (``overcluster_classes > 0``) are
+    trained alongside too but never promoted: they only shape the backbone's features."""
 
-    def __init__(self, backbone: nn.Module, head: TwistHead, extra_heads: list[TwistHead] | None = None):
+    def __init__(self, backbone: nn.Module, head: TwistHead, extra_heads: list[TwistHead] | None = None,
+                 aux_heads: list[TwistHead] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         if extra_heads:
             self.extra_heads = nn.ModuleList(extra_heads)
+        if aux_heads:
+            self.aux_heads = nn.ModuleList(aux_heads)
 
     @property
     def num_classes(self) -> int:
@@ -72,14 +76,21 @@ class TwistModel(nn.Module):
 
     @property
     def heads(self) -> list[TwistHead]:
-        """Every head, the model's own first."""
+        """The classifier heads (candidates for promotion), the model's own first."""
         return [self.head, *getattr(self, "extra_heads", [])]
 
+    @property
+    def trained_heads(self) -> list[TwistHead]:
+        """Every head that gets a TWIST loss: :attr:`heads`, then the over-clustering heads."""
+        return [*self.heads, *getattr(self, "aux_heads", [])]
+
     def forward_heads(self, views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Logits of every head for each view: ``out[h][v]`` is (B, C); backbone run once."""
+        """Logits of every trained head for each view: ``out[h][v]`` is (B, C_h); backbone run once.
+
+        The order is :attr:`trained_heads`: classifier heads first, over-clustering heads last."""
         feats = self.backbone_views(views)
         sizes = [v.shape[0] for v in views]
-        return [list(h(feats).split(sizes)) for h in self.heads]
+        return [list(h(feats).split(sizes)) for h in self.trained_heads]
 
     @torch.no_grad()
     def promote_head(self, index: int, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -117,4 +128,6 @@ def build_model(cfg: ModelConfig, in_channels: int = 3) -> TwistModel:
     backbone = build_backbone(cfg, in_channels)
     heads = [TwistHead(backbone.feature_dim, cfg.hidden_dim, cfg.num_classes, cfg.activation, cfg.nbs,
                        vit_init=cfg.backbone.startswith("vit_")) for _ in range(cfg.num_heads)]
-    return TwistModel(backbone, heads[0], heads[1:])
+    aux = [TwistHead(backbone.feature_dim, cfg.hidden_dim, cfg.overcluster_classes, cfg.activation, cfg.nbs,
+                     vit_init=cfg.backbone.startswith("vit_"))] if cfg.overcluster_classes else None
+    return TwistModel(backbone, heads[0], heads[1:], aux)

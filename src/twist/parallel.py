@@ -251,7 +251,7 @@ def convert_sync_batchnorm(model: nn.Module, bunch_size: int, per_rank_batch: in
     objects are kept, so optimisers, EMA teachers and state dicts are unaffected.
     """
     impl = _resolve_impl(impl, device)
-    heads = getattr(model, "heads", None) or ([model.head] if hasattr(model, "head") else [])
+    heads = getattr(model, "trained_heads", None) or ([model.head] if hasattr(model, "head") else [])
     todo = [h for h in heads if isinstance(getattr(h, "norm", None), _BatchNorm)
             and not isinstance(h.norm, (SyncBatchNorm, nn.SyncBatchNorm))]
     skip = []

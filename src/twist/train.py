@@ -431,6 +431,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
               f"batch {global_batch}, {cfg.train.epochs} epochs x {steps_per_epoch} steps, "
               f"{device.type} {precision}, {world} process(es)", file=sys.stderr)
 
+    n_trained_heads = cfg.model.num_heads + (1 if cfg.model.overcluster_classes else 0)
     stop = False
     for epoch in range(state.epoch, cfg.train.epochs):
         model.train()
@@ -438,7 +439,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                               epoch=epoch, rank=rank, world_size=world, num_workers=cfg.train.num_workers,
                               start_batch=state.step_in_epoch)
         # running sums of loss, consistency, sharpness, diversity (+ the other heads' losses)
-        sums = torch.zeros(4 + cfg.model.num_heads - 1, dtype=torch.float64)
+        sums = torch.zeros(4 + n_trained_heads - 1, dtype=torch.float64)
         count, skipped_steps = 0, 0
         if epoch_sums is not None:
             sums = epoch_sums["sums"].to(torch.float64).clone()
@@ -501,9 +502,13 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "images_per_sec": (count - count_start) * global_batch / max(elapsed, 1e-9), "epoch_seconds": elapsed,
             "skipped_steps": skipped_steps,
         }
-        if cfg.model.num_heads > 1:
-            # the head with the lowest epoch loss becomes the model's head (same choice on every rank)
+        if n_trained_heads > 1:
+            # the head with the lowest epoch loss becomes the model's head (same choice on every rank);
+            # over-clustering heads (last) are trained but never candidates
             head_losses = means[[0, *range(4, len(means))]]
+            if cfg.model.overcluster_classes:
+                record["overcluster_loss"] = head_losses[-1].item()
+                head_losses = head_losses[:-1]
             best = int(torch.argmin(head_losses))
             unwrap(model).promote_head(best, optimizer)
             record["head_losses"] = head_losses.tolist()
@@ -544,8 +549,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
 
 def sum_head_losses(per_head: list) -> tuple:
-    """With several heads (model.num_heads > 1) each head has its own TWIST loss and their sum
-    trains the shared backbone. Returns head 0's terms, carrying every head's detached loss in
+    """With several heads (model.num_heads > 1, or an over-clustering head) each head has its own
+    TWIST loss and their sum trains the shared backbone. Returns head 0's terms, carrying every head's detached loss in
     ``head_losses`` (the lowest one is promoted after the epoch), and the summed loss."""
     terms = per_head[0]
     terms.head_losses = torch.stack([t.loss.detach() for t in per_head])
@@ -562,7 +567,7 @@ def train_step(model: nn.Module, criterion: TwistLoss, optimizer: torch.optim.Op
     finite the step is not taken and the gradients are cleared, and the caller applies its
     policy (stop or skip). The EMA teacher update is left to the caller.
     """
-    multi_head = len(getattr(unwrap(model), "heads", ())) > 1
+    multi_head = len(getattr(unwrap(model), "trained_heads", ())) > 1
     with autocast_context(device, precision):
         student = model(views, all_heads=True) if multi_head else model(views)
         teacher_logits = None
