@@ -8,7 +8,8 @@ the loss differ per objective:
 
 * ``iic``  -- IIC-style mutual-information clustering (Ji et al., 2019): the head of the TWIST
   preset (same C, same number of heads ``model.num_heads``, the lowest-loss head kept after
-  every epoch as twist.train does -- IIC's own sub-heads) without the NBS, softmax outputs;
+  every epoch as twist.train does -- IIC's own sub-heads; plus the over-clustering head when
+  the preset has one, ``model.overcluster_classes``, as IIC's paper does) without the NBS, softmax outputs;
   loss = -I(y1; y2) of the symmetrised joint distribution of the two views' cluster
   assignments, averaged over the same view pairs as TWIST. Cluster ACC is the argmax of the
   kept head.
@@ -140,7 +141,10 @@ def build_objective(kind: str, cfg: TwistConfig, channels: int) -> tuple[TwistMo
     d = backbone.feature_dim
     if kind == "iic":  # as many heads as the TWIST preset (IIC's own sub-heads), lowest loss kept
         heads = [TwistHead(d, m.hidden_dim, m.num_classes, m.activation, nbs=False) for _ in range(m.num_heads)]
-        return TwistModel(backbone, heads[0], heads[1:]), IICLoss()
+        # and, when the preset has one, the over-clustering head (IIC's own auxiliary head)
+        aux = [TwistHead(d, m.hidden_dim, m.overcluster_classes, m.activation, nbs=False)] \
+            if m.overcluster_classes else None
+        return TwistModel(backbone, heads[0], heads[1:], aux), IICLoss()
     if kind == "simclr":
         return TwistModel(backbone, _mlp(d, m.hidden_dim, 128, 2)), NTXentLoss(0.2)
     if kind == "barlow":
@@ -174,7 +178,7 @@ def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, st
         model.train()
         loader = batch_loader(dataset, bs, shuffle=True, drop_last=True, seed=cfg.train.seed, epoch=epoch)
         run = 0.0
-        head_sums = torch.zeros(len(model.heads), dtype=torch.float64)
+        head_sums = torch.zeros(len(model.trained_heads), dtype=torch.float64)
         for images, _ in loader:
             set_step_values(optimizer, float(lr_s[step]), float(wd_s[step]))
             views = [v.contiguous(memory_format=memory_format) for v in augment(images.to(device), gen)]
@@ -187,7 +191,7 @@ def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, st
             step += 1
         losses.append(run / max(steps_per_epoch, 1))
         if len(model.heads) > 1:  # the lowest-loss head becomes the model's head, as twist.train does
-            best = int(torch.argmin(head_sums))
+            best = int(torch.argmin(head_sums[:len(model.heads)]))  # over-clustering head (last) excluded
             model.promote_head(best, optimizer)
             promoted.append(best)
         log(f"  {kind}: epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")

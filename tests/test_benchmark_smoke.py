@@ -37,3 +37,32 @@ def test_throughput_script_tiny_run():
         assert result["peak_mem_mb"] > 0 and result["sweep"][0]["peak_mem_mb"] > 0
         if platform.libc_ver()[0] == "glibc":
             assert result["malloc_reuse"] is bool(not os.environ.get("TWIST_DEFAULT_MALLOC"))
+
+
+def test_iic_baseline_gets_the_presets_over_clustering_head_and_never_promotes_it():
+    """benchmarks/baselines.py: IIC is given the preset's heads, over-clustering head included
+    (as IIC's paper trains one), and only the C = num_classes heads compete for promotion."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import baselines
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from twist.config import apply_overrides, get_preset
+    from twist.data import ImageDataset
+
+    cfg = apply_overrides(get_preset("cifar10"), ["model.small_cnn_width=4", "model.hidden_dim=16",
+                                                  "model.overcluster_classes=12", "train.batch_size=8",
+                                                  "train.epochs=2", "train.channels_last=false"])
+    model, _ = baselines.build_objective("iic", cfg, 3)
+    assert len(model.heads) == 5 and model.trained_heads[-1].num_classes == 12
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, size=(16, 3, 32, 32), dtype=np.uint8))
+    data = ImageDataset(name="tiny", channels=3, size=(32, 32), images=images, labels=np.arange(16) % 4)
+    torch.set_num_threads(1)
+    model, info = baselines.train_objective("iic", cfg, data, (0.5,) * 3, (0.25,) * 3, device=torch.device("cpu"),
+                                            precision="fp32", log=lambda *_: None)
+    assert info["steps"] == 4 and all(0 <= h < 5 for h in info["promoted_heads"])
+    assert model.aux_heads[0].last_linear.weight.shape == (12, 16)
