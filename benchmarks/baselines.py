@@ -190,10 +190,8 @@ def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, st
                 head_sums += terms.head_losses.double().cpu()
             step += 1
         losses.append(run / max(steps_per_epoch, 1))
-        if len(model.heads) > 1:  # the lowest-loss head becomes the model's head, as twist.train does
-            best = int(torch.argmin(head_sums[:len(model.heads)]))  # over-clustering head (last) excluded
-            model.promote_head(best, optimizer)
-            promoted.append(best)
+        if len(model.heads) > 1:  # the lowest-loss classifier head becomes the model's head, as twist.train does
+            promoted.append(model.promote_lowest(head_sums, optimizer))
         log(f"  {kind}: epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")
     model.eval()
     return model, {"steps": step, "skipped_steps": skipped, "final_loss": losses[-1] if losses else None,

@@ -913,7 +913,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if pil_ms is not None:
         print(f"augmentation of one batch: twist batched {parts['augment']:.1f} ms, release-style per-image PIL "
               f"{pil_ms:.1f} ms (one process; the baseline spreads it over {args.baseline_workers} worker(s))")
-    n_heads = cfg.model.num_heads + (1 if cfg.model.overcluster_classes else 0)
+    n_heads = len(full.model.trained_heads)
     heads = f"{n_heads} heads' " if n_heads > 1 else ""
     print(f"{heads}loss {loss_ms:.1f} ms = {100 * loss_ms / total:.2f}% of the step (one head's alone on random "
           f"logits: {loss_alone:.1f} ms = {100 * loss_alone / total:.2f}%); {heads}head {head_ms:.1f} ms = "

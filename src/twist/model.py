@@ -92,6 +92,13 @@ class TwistModel(nn.Module):
         sizes = [v.shape[0] for v in views]
         return [list(h(feats).split(sizes)) for h in self.trained_heads]
 
+    def promote_lowest(self, losses: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Promote the classifier head with the lowest of ``losses`` (one per :attr:`trained_heads`,
+        in that order; the over-clustering heads' entries are never candidates). Returns its index."""
+        best = int(torch.argmin(losses[:len(self.heads)]))
+        self.promote_head(best, optimizer)
+        return best
+
     @torch.no_grad()
     def promote_head(self, index: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Make head ``index`` the model's head by swapping it with head 0 in place.
@@ -126,8 +133,11 @@ class TwistModel(nn.Module):
 
 def build_model(cfg: ModelConfig, in_channels: int = 3) -> TwistModel:
     backbone = build_backbone(cfg, in_channels)
-    heads = [TwistHead(backbone.feature_dim, cfg.hidden_dim, cfg.num_classes, cfg.activation, cfg.nbs,
-                       vit_init=cfg.backbone.startswith("vit_")) for _ in range(cfg.num_heads)]
-    aux = [TwistHead(backbone.feature_dim, cfg.hidden_dim, cfg.overcluster_classes, cfg.activation, cfg.nbs,
-                     vit_init=cfg.backbone.startswith("vit_"))] if cfg.overcluster_classes else None
+
+    def head(num_classes: int) -> TwistHead:
+        return TwistHead(backbone.feature_dim, cfg.hidden_dim, num_classes, cfg.activation, cfg.nbs,
+                         vit_init=cfg.backbone.startswith("vit_"))
+
+    heads = [head(cfg.num_classes) for _ in range(cfg.num_heads)]
+    aux = [head(cfg.overcluster_classes)] if cfg.overcluster_classes else None
     return TwistModel(backbone, heads[0], heads[1:], aux)

@@ -431,7 +431,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
               f"batch {global_batch}, {cfg.train.epochs} epochs x {steps_per_epoch} steps, "
               f"{device.type} {precision}, {world} process(es)", file=sys.stderr)
 
-    n_trained_heads = cfg.model.num_heads + (1 if cfg.model.overcluster_classes else 0)
+    n_candidates, n_trained_heads = len(unwrap(model).heads), len(unwrap(model).trained_heads)
     stop = False
     for epoch in range(state.epoch, cfg.train.epochs):
         model.train()
@@ -503,15 +503,13 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "skipped_steps": skipped_steps,
         }
         if n_trained_heads > 1:
-            # the head with the lowest epoch loss becomes the model's head (same choice on every rank);
-            # over-clustering heads (last) are trained but never candidates
+            # the classifier head with the lowest epoch loss becomes the model's head (same choice on
+            # every rank); over-clustering heads (last) are trained but never candidates
             head_losses = means[[0, *range(4, len(means))]]
-            if cfg.model.overcluster_classes:
-                record["overcluster_loss"] = head_losses[-1].item()
-                head_losses = head_losses[:-1]
-            best = int(torch.argmin(head_losses))
-            unwrap(model).promote_head(best, optimizer)
-            record["head_losses"] = head_losses.tolist()
+            best = unwrap(model).promote_lowest(head_losses, optimizer)
+            if n_trained_heads > n_candidates:
+                record["overcluster_loss"] = head_losses[n_candidates].item()
+            record["head_losses"] = head_losses[:n_candidates].tolist()
             record["promoted_head"] = best
         last_epoch = epoch + 1 == cfg.train.epochs
         if val.labels is not None and cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
@@ -550,8 +548,9 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
 def sum_head_losses(per_head: list) -> tuple:
     """With several heads (model.num_heads > 1, or an over-clustering head) each head has its own
-    TWIST loss and their sum trains the shared backbone. Returns head 0's terms, carrying every head's detached loss in
-    ``head_losses`` (the lowest one is promoted after the epoch), and the summed loss."""
+    TWIST loss and their sum trains the shared backbone. Returns head 0's terms, carrying every
+    head's detached loss in ``head_losses`` (the lowest classifier head's is promoted after the
+    epoch), and the summed loss."""
     terms = per_head[0]
     terms.head_losses = torch.stack([t.loss.detach() for t in per_head])
     return terms, torch.stack([t.loss for t in per_head]).sum()
