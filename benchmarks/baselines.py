@@ -13,7 +13,8 @@ the loss differ per objective:
   loss = -I(y1; y2) of the symmetrised joint distribution of the two views' cluster
   assignments, averaged over the same view pairs as TWIST. Cluster ACC is the argmax of the
   kept head.
-* ``simclr`` -- SimCLR's NT-Xent (Chen et al., 2020) on an MLP projection (D -> H -> 128),
+* ``simclr`` -- SimCLR's NT-Xent (Chen et al., 2020) on an MLP projection (D -> H -> 128, H the
+  projector width: the TWIST heads' width but at least 1024),
   temperature 0.2, the views of a pair as positives and every other view of the batch as
   negatives. Cluster ACC comes from k-means on the backbone features.
 * ``barlow`` -- Barlow Twins (Zbontar et al., 2021) on an MLP projector (D -> H -> H, BN+ReLU
@@ -134,11 +135,24 @@ def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def build_objective(kind: str, cfg: TwistConfig, channels: int) -> tuple[TwistModel, nn.Module]:
-    """The network (twist's backbone + an objective-specific head) and the criterion."""
+def default_projector_dim(cfg: TwistConfig) -> int:
+    """SimCLR's and Barlow Twins' projector width unless given: the TWIST heads' width, but never
+    below 1024, so that narrowing TWIST's heads (cheaper, and no worse for TWIST) never narrows a
+    baseline's projector too. Both objectives are known to prefer wide projectors."""
+    return max(cfg.model.hidden_dim, 1024)
+
+
+def build_objective(kind: str, cfg: TwistConfig, channels: int,
+                    projector_dim: int | None = None) -> tuple[TwistModel, nn.Module]:
+    """The network (twist's backbone + an objective-specific head) and the criterion.
+
+    IIC gets the TWIST preset's heads (same C, count and width, without the NBS); SimCLR and
+    Barlow Twins get an MLP projector of width ``projector_dim`` (default
+    :func:`default_projector_dim`)."""
     m = cfg.model
     backbone = build_backbone(m, channels)
     d = backbone.feature_dim
+    w = projector_dim or default_projector_dim(cfg)
     if kind == "iic":  # as many heads as the TWIST preset (IIC's own sub-heads), lowest loss kept
         heads = [TwistHead(d, m.hidden_dim, m.num_classes, m.activation, nbs=False) for _ in range(m.num_heads)]
         # and, when the preset has one, the over-clustering head (IIC's own auxiliary head)
@@ -146,19 +160,20 @@ def build_objective(kind: str, cfg: TwistConfig, channels: int) -> tuple[TwistMo
             if m.overcluster_classes else None
         return TwistModel(backbone, heads[0], heads[1:], aux), IICLoss()
     if kind == "simclr":
-        return TwistModel(backbone, _mlp(d, m.hidden_dim, 128, 2)), NTXentLoss(0.2)
+        return TwistModel(backbone, _mlp(d, w, 128, 2)), NTXentLoss(0.2)
     if kind == "barlow":
-        return TwistModel(backbone, _mlp(d, m.hidden_dim, m.hidden_dim, 3)), BarlowTwinsLoss(m.hidden_dim)
+        return TwistModel(backbone, _mlp(d, w, w, 3)), BarlowTwinsLoss(w)
     raise ValueError(f"unknown objective {kind!r}; choose from {', '.join(OBJECTIVES)}")
 
 
 def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, std, *, device: torch.device,
-                    precision: str, log=print) -> tuple[TwistModel, dict[str, Any]]:
+                    precision: str, projector_dim: int | None = None,
+                    log=print) -> tuple[TwistModel, dict[str, Any]]:
     """Train objective ``kind`` with the preset's optimiser, schedule, augmentation, batch size
     and epochs (the same number of optimiser steps as TWIST), in one process."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
-    model, criterion = build_objective(kind, cfg, dataset.channels)
+    model, criterion = build_objective(kind, cfg, dataset.channels, projector_dim)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
     augment = MultiCropAugment(cfg.augment, dataset.channels, mean, std)
@@ -194,7 +209,8 @@ def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, st
             promoted.append(model.promote_lowest(head_sums, optimizer))
         log(f"  {kind}: epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")
     model.eval()
-    return model, {"steps": step, "skipped_steps": skipped, "final_loss": losses[-1] if losses else None,
+    return model, {"steps": step, "skipped_steps": skipped, "projector_dim": (projector_dim or default_projector_dim(cfg))
+                   if kind in ("simclr", "barlow") else None, "final_loss": losses[-1] if losses else None,
                    "heads": len(model.heads), "promoted_heads": promoted, "train_seconds": time.perf_counter() - t0}
 
 

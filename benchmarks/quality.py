@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
                                   "linear_top1": r["linear_top1"], "train_seconds": train_s})
         else:
             model, info = train_objective(method, cfg, train_ds, mean, std, device=device, precision=precision,
+                                          projector_dim=args.projector_dim,
                                           log=log if not args.no_progress else (lambda _m: None))
             tr = feats(model, train_ds, probs=method == "iic")
             te = tr if same else feats(model, test_ds, probs=method == "iic")
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="override train.seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field for every method (repeatable)")
+    p.add_argument("--projector-dim", type=int, default=None,
+                   help="width of SimCLR's and Barlow Twins' projectors (default: the TWIST heads' width, "
+                        "at least 1024, so that narrow TWIST heads never narrow a baseline)")
     p.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (default 100)")
     p.add_argument("--kmeans-init", type=int, default=10, help="k-means restarts (default 10)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

@@ -66,3 +66,24 @@ def test_iic_baseline_gets_the_presets_over_clustering_head_and_never_promotes_i
                                             precision="fp32", log=lambda *_: None)
     assert info["steps"] == 4 and all(0 <= h < 5 for h in info["promoted_heads"])
     assert model.aux_heads[0].last_linear.weight.shape == (12, 16)
+
+
+def test_contrastive_baselines_keep_a_wide_projector_when_twist_heads_are_narrow():
+    """SimCLR's and Barlow Twins' projectors are at least 1024 wide whatever the TWIST preset's
+    head width, so narrowing TWIST's heads cannot weaken the baselines it is compared with; an
+    explicit width wins."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import baselines
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from twist.config import apply_overrides, get_preset
+
+    cfg = apply_overrides(get_preset("cifar10"), ["model.small_cnn_width=4", "model.hidden_dim=16"])
+    simclr, _ = baselines.build_objective("simclr", cfg, 3)
+    assert simclr.head[0].out_features == 1024 and simclr.head[-1].out_features == 128
+    barlow, crit = baselines.build_objective("barlow", cfg, 3)
+    assert barlow.head[-1].out_features == 1024 and crit.dim == 1024
+    wide = apply_overrides(get_preset("digits"), ["model.small_cnn_width=4"])  # 2048-wide heads: kept
+    assert baselines.build_objective("simclr", wide, 1)[0].head[0].out_features == wide.model.hidden_dim == 2048
+    assert baselines.build_objective("simclr", cfg, 3, projector_dim=32)[0].head[0].out_features == 32
