@@ -232,6 +232,7 @@ CONFIG_ERRORS = {
     "local crops larger than images": (["--set", "augment.num_local=2", "--set", "augment.local_size=32"],
                                        "augment.local_size"),
     "bad policy": (["--set", "train.nonfinite=ignore"], "train.nonfinite"),
+    "no skipped step allowed": (["--set", "train.max_skipped_in_a_row=0"], "train.max_skipped_in_a_row"),
     "negative checkpoint interval": (["--set", "train.checkpoint_every_steps=-1"], "train.checkpoint_every_steps"),
     "zero epochs": (["--epochs", "0"], "train.epochs"),
     "epochs not a number": (["--epochs", "ten"], "--epochs"),
@@ -371,6 +372,31 @@ def test_nonfinite_skip_skips_the_step_and_keeps_the_model_finite(tiny_npz, tmp_
     assert ckpt["state"]["global_step"] == 4
     for key, tensor in ckpt["model"].items():  # BatchNorm statistics of the NaN forward were undone
         assert torch.isfinite(tensor.float()).all(), key
+
+
+def test_nonfinite_skip_stops_after_too_many_skipped_steps_in_a_row(tiny_npz, tmp_path, capsys, monkeypatch):
+    """A diverged run (every step from the second on non-finite) stops at
+    train.max_skipped_in_a_row instead of skipping its whole budget; the checkpoint of the
+    last finished epoch stays as it was."""
+    out = tmp_path / "r"
+    rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), "--epochs", "1", *sets(TINY)])
+    assert rc == 0, err
+    saved = (out / CHECKPOINT_NAME).read_bytes()
+    real_step = twist.train.train_step
+    calls = {"n": 0}
+
+    def step(model, criterion, optimizer, views, **kw):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            views = [torch.full_like(v, float("nan")) for v in views]
+        return real_step(model, criterion, optimizer, views, **kw)
+
+    monkeypatch.setattr(twist.train, "train_step", step)
+    rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), "--epochs", "3", *sets(TINY),
+                               "--set", "train.nonfinite=skip", "--set", "train.max_skipped_in_a_row=3"])
+    assert_user_error(rc, err, "3 steps in a row", "train.max_skipped_in_a_row=3", "diverged", "intact")
+    assert calls["n"] == 4  # one finite step, then three skipped ones
+    assert (out / CHECKPOINT_NAME).read_bytes() == saved
 
 
 # ====================================================================== crafted checkpoints

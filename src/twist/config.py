@@ -175,6 +175,9 @@ class TrainConfig:
     """Also checkpoint every N optimiser steps (0 = once per epoch only)."""
     nonfinite: str = "stop"
     """What to do when the loss or a gradient is NaN/inf: stop or skip (the step)."""
+    max_skipped_in_a_row: int = 20
+    """With nonfinite=skip, stop once this many consecutive steps were skipped: a run that
+    never gets a finite step again is diverged, not unlucky, and should not spend its budget."""
     bad_files: str = "skip"
     """Undecodable images: skip (count and list them in the run folder) or stop."""
     image_size: int = 0
@@ -255,6 +258,7 @@ class TwistConfig:
         _check(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", t.precision, "auto, bf16, fp16 or fp32")
         _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device, "auto, cpu, cuda or cuda:N")
         _check(t.nonfinite in ("stop", "skip"), "train.nonfinite", t.nonfinite, "stop or skip")
+        _check(t.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", t.max_skipped_in_a_row, "at least 1")
         _check(t.bad_files in ("skip", "stop"), "train.bad_files", t.bad_files, "skip or stop")
         _check(t.num_workers >= 0, "train.num_workers", t.num_workers, "non-negative")
         _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "non-negative")

@@ -432,6 +432,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
               f"{device.type} {precision}, {world} process(es)", file=sys.stderr)
 
     n_candidates, n_trained_heads = len(unwrap(model).heads), len(unwrap(model).trained_heads)
+    skipped_in_a_row = 0
     stop = False
     for epoch in range(state.epoch, cfg.train.epochs):
         model.train()
@@ -460,14 +461,20 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             if not finite:
                 msg = (f"non-finite loss or gradient at optimiser step {it + 1} (epoch {epoch + 1}, step "
                        f"{state.step_in_epoch + 1} of {steps_per_epoch}; loss={terms.loss.item():.4g})")
+                kept = f"the last checkpoint ({ckpt_path}) is intact" if ckpt_path.exists() else "no checkpoint was written"
                 if cfg.train.nonfinite == "stop":
-                    kept = f"the last checkpoint ({ckpt_path}) is intact" if ckpt_path.exists() else "no checkpoint was written"
                     raise TrainingError(f"{msg}; stopped, {kept} (set train.nonfinite=skip to skip such steps)")
                 _restore_buffers(buffers)
+                skipped_steps += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
+                    raise TrainingError(f"{msg}; {skipped_in_a_row} steps in a row were not finite "
+                                        f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}): the run "
+                                        f"has diverged; stopped, {kept}. Try a lower optim.lr or train.precision=fp32")
                 if main:
                     print(f"twist: {msg}; step skipped", file=sys.stderr)
-                skipped_steps += 1
             else:
+                skipped_in_a_row = 0
                 if teacher is not None:
                     from twist.ema import update_teacher
 
