@@ -167,3 +167,30 @@ def test_stage_runs_after_twist_and_resumes_exactly(tiny_npz, tmp_path):
     again = train(_cfg(), tiny_npz, part, progress=False)
     resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert len(resumed) == 3 and again == {}
+
+
+@pytest.mark.parametrize("crash", ["before", "after"])
+def test_a_crash_at_the_stage_checkpoint_neither_loses_nor_doubles_a_metrics_line(tiny_npz, tmp_path, monkeypatch,
+                                                                                   crash):
+    """The process dies while (before) or right after (after) writing the first self-labeling
+    epoch's checkpoint; the resumed run's metrics.jsonl has every epoch exactly once."""
+    import twist.checkpoint
+    from twist.train import train
+
+    real_save = twist.checkpoint.save_checkpoint
+
+    def dying_save(payload, path):
+        if payload.get("stage") == "selflabel" and payload["selflabel"]["epoch"] == 1:
+            if crash == "after":
+                real_save(payload, path)
+            raise KeyboardInterrupt("killed")
+        return real_save(payload, path)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(twist.checkpoint, "save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(), tiny_npz, run, progress=False)
+    monkeypatch.setattr(twist.checkpoint, "save_checkpoint", real_save)
+    train(_cfg(), tiny_npz, run, progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]

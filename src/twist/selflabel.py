@@ -313,6 +313,7 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
     metrics_path = out / "metrics.jsonl"
     last: dict[str, Any] = {}
     stop = False
+    skipped_in_a_row = 0
     for epoch in range(state.epoch, sl.epochs):
         model.train()
         loader, _ = _loader(dataset, cfg, first_epoch + epoch, rank, world, state.step_in_epoch)
@@ -335,10 +336,16 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
                 if cfg.train.nonfinite == "stop":
                     raise TrainingError(msg + "; stopping, the last checkpoint is intact "
                                               "(set train.nonfinite=skip to skip such steps)")
+                skipped_steps += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
+                    raise TrainingError(f"{msg}; {skipped_in_a_row} steps in a row were not finite "
+                                        f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}): "
+                                        "self-labeling has diverged; stopped, the last checkpoint is intact")
                 if main:
                     print(f"twist: {msg}; step skipped", file=sys.stderr)
-                skipped_steps += 1
             else:
+                skipped_in_a_row = 0
                 if teacher is not None:
                     update_teacher(teacher, unwrap(model), cfg.ema.momentum_end)
                 sums += terms.vector()
@@ -376,9 +383,10 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
                                          channels_last=cfg.train.channels_last))
         state.epoch = epoch + 1
         state.step_in_epoch = 0
+        if main:  # logged before the checkpoint, as in twist.train: a crash in between re-runs the epoch
+            append_jsonl(metrics_path, record)  # and resume drops this line, so it is never lost nor doubled
         checkpoint()
         if main:
-            append_jsonl(metrics_path, record)
             print("twist: self-label " + _summary(record), file=sys.stderr)
         last = record
         if stop:
