@@ -15,7 +15,8 @@ single npz files have one split, so there "test" is the training data: see *Prot
 * linear top-1 (twist.evaluate.linear_probe on frozen, standardised features).
 
 Methods (all on the same data, backbone, augmentation, optimiser, batch size and number of
-optimiser steps as the TWIST preset; see benchmarks/baselines.py):
+optimiser steps as the TWIST preset -- its self-labeling epochs, if any, included: the
+baselines then train ``train.epochs + selflabel.epochs`` epochs; see benchmarks/baselines.py):
 
 * ``twist``       -- ``twist.train.train`` with the preset (the product's own code path);
                      clusters = argmax of the head; also reported: k-means on its features.
@@ -43,6 +44,7 @@ to ``OUT/results.md``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -169,13 +171,21 @@ def run(args: argparse.Namespace) -> int:
     mean, std = dataset_stats(train_ds.images)
     eval_t = EvalTransform(cfg.augment.global_size, train_ds.channels, mean, std)
     scorer = Scorer(y_train, y_test, same, cfg.train.seed, args.probe_epochs, args.kmeans_init)
-    meta = {"dataset": str(args.dataset), "preset": args.preset, "epochs": cfg.train.epochs,
-            "batch_size": cfg.train.batch_size, "steps": (len(train_ds) // cfg.train.batch_size) * cfg.train.epochs,
+    # A self-labeling stage (selflabel.epochs) is part of TWIST's budget: the baselines train as
+    # many epochs as both of TWIST's stages together, so every method takes the same number of steps.
+    total_epochs = cfg.train.epochs + cfg.selflabel.epochs
+    baseline_cfg = copy.deepcopy(cfg)
+    baseline_cfg.train.epochs = total_epochs
+    meta = {"dataset": str(args.dataset), "preset": args.preset, "epochs": total_epochs,
+            "twist_epochs": cfg.train.epochs, "selflabel_epochs": cfg.selflabel.epochs,
+            "batch_size": cfg.train.batch_size, "steps": (len(train_ds) // cfg.train.batch_size) * total_epochs,
             "seed": cfg.train.seed, "overrides": list(args.overrides), "train_images": len(train_ds),
             "test_images": len(test_ds), "one_split": same, "device": str(device), "precision": precision,
             "torch_threads": torch.get_num_threads(), "config": cfg.to_dict()}
     log(f"{args.dataset}: {len(train_ds)} train / {len(test_ds)} test images, preset {args.preset}, "
-        f"{meta['epochs']} epochs = {meta['steps']} steps, {device} {precision}")
+        f"{meta['epochs']} epochs = {meta['steps']} steps"
+        f"{f' (TWIST {cfg.train.epochs} + self-labeling {cfg.selflabel.epochs})' if cfg.selflabel.epochs else ''}, "
+        f"{device} {precision}")
 
     def feats(model, ds, probs: bool = False):
         return extract(model, ds, eval_t, device=device, precision=precision, batch_size=512,
@@ -208,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(run_dir)
             train(cfg, args.dataset, run_dir, progress=not args.no_progress)
             train_s = time.perf_counter() - t0
+            logged = (run_dir / "metrics.jsonl").read_text().splitlines()
+            steps = json.loads(logged[-1]).get("step") if logged else None  # both stages' optimiser steps
             trained = load_trained(run_dir, device=str(device))
             model = trained.model
             tr = feats(model, train_ds, probs=False)
@@ -217,11 +229,11 @@ def run(args: argparse.Namespace) -> int:
             r = scorer.clusters(probs.argmax(1).numpy(), probs.shape[1])
             r["knn_top1"] = scorer.knn(f_tr, f_te)
             r["linear_top1"] = scorer.linear(f_tr, f_te)
-            save("twist", {**r, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
+            save("twist", {**r, "steps": steps, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
             save("twist_kmeans", {**scorer.kmeans(f_tr, f_te, normalize=True), "knn_top1": r["knn_top1"],
                                   "linear_top1": r["linear_top1"], "train_seconds": train_s})
         else:
-            model, info = train_objective(method, cfg, train_ds, mean, std, device=device, precision=precision,
+            model, info = train_objective(method, baseline_cfg, train_ds, mean, std, device=device, precision=precision,
                                           projector_dim=args.projector_dim,
                                           log=log if not args.no_progress else (lambda _m: None))
             tr = feats(model, train_ds, probs=method == "iic")
