@@ -399,6 +399,25 @@ def test_nonfinite_skip_stops_after_too_many_skipped_steps_in_a_row(tiny_npz, tm
     assert (out / CHECKPOINT_NAME).read_bytes() == saved
 
 
+def test_uniform_collapse_is_recognised_from_the_epoch_terms():
+    """Figures of real CIFAR-10 epochs (docs/results.md): the alpha 0.5 run at epoch 2
+    (collapsed) and epoch 1 (not yet), and the preset's first epoch."""
+    from twist.train import predictions_collapsed
+
+    assert predictions_collapsed({"consistency": 0.0001, "sharpness": 2.3024}, 10)
+    assert not predictions_collapsed({"consistency": 0.0613, "sharpness": 2.2696}, 10)
+    assert not predictions_collapsed({"consistency": 0.2822, "sharpness": 2.0435}, 10)
+    assert not predictions_collapsed({"consistency": 0.0001, "sharpness": 2.3024}, 100)  # far from ln 100
+
+
+def test_a_collapsed_run_warns_once_and_names_the_options(tiny_npz, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(twist.train, "predictions_collapsed", lambda record, c: True)
+    rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(tmp_path / "r"), "--epochs", "2", *sets(TINY)])
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "collapsed" in line]
+    assert len(warnings) == 1 and "loss.alpha >= loss.beta" in warnings[0] and "optim.lr" in warnings[0]
+
+
 # ====================================================================== crafted checkpoints
 class _Payload:
     """Unpickling this would create a folder: proof that code ran."""

@@ -433,6 +433,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
     n_candidates, n_trained_heads = len(unwrap(model).heads), len(unwrap(model).trained_heads)
     skipped_in_a_row = 0
+    warned_collapse = False
     stop = False
     for epoch in range(state.epoch, cfg.train.epochs):
         model.train()
@@ -537,6 +538,13 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                         writer.add_scalar(k, v, epoch + 1)
                 writer.flush()
             print("twist: " + _summary(record), file=sys.stderr)
+            if not warned_collapse and predictions_collapsed(record, cfg.model.num_classes):
+                warned_collapse = True
+                print(f"twist: warning: the head's predictions are uniform (consistency {record['consistency']:.4f}, "
+                      f"sharpness {record['sharpness']:.4f} of at most ln C = {math.log(cfg.model.num_classes):.4f}): "
+                      f"training has collapsed and will not recover. Keep loss.alpha >= loss.beta "
+                      f"(now {cfg.loss.alpha} and {cfg.loss.beta}) or lower optim.lr; see docs/results.md",
+                      file=sys.stderr)
         last = record
         if stop:
             break
@@ -551,6 +559,15 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         writer.close()
     tdist.barrier()  # no rank leaves before rank 0 has written its last files
     return last
+
+
+def predictions_collapsed(record: dict[str, Any], num_classes: int) -> bool:
+    """True when an epoch's mean terms show the uniform collapse: every prediction flat
+    (sharpness, the mean per-sample entropy, at its maximum ln C) and the views trivially in
+    agreement. The NBS does not rule it out: each class logit keeps unit variance over the batch
+    while all C logits of an image move together. Seen on CIFAR-10 with alpha 0.5 < beta 1,
+    where that solution's loss (alpha - beta) ln C beats what a confident run reaches early on."""
+    return record["consistency"] < 0.01 and record["sharpness"] > 0.99 * math.log(num_classes)
 
 
 def sum_head_losses(per_head: list) -> tuple:
