@@ -475,7 +475,8 @@ def _cifar10() -> TwistConfig:
     - two 16 px local views hurt (ACC 0.415, kNN 0.636), so none; three heads instead of five:
       0.523 / 0.645;
     - crop area: 0.35-1 (0.556 / 0.679) beats 0.2-1 (0.530 / 0.655) and 0.08-1 (0.439 / 0.604):
-      a 32 px image has little to spare, so the views stay mostly whole;
+      a 32 px image has little to spare, so the views stay mostly whole (0.5-1: 0.563 / 0.702,
+      with SimCLR at 0.735; not adopted until the whole baseline table is re-run with it);
     - not helped: alpha 0.5 (collapsed to uniform predictions), the release's self-labeling
       stage for 5 epochs (ACC 0.533 -> 0.469, kNN 0.660 -> 0.658).
     ResNet-18 is the `cifar10-gpu` preset.
