@@ -173,6 +173,7 @@ def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, st
     and epochs (the same number of optimiser steps as TWIST), in one process."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
+    projector_dim = projector_dim or default_projector_dim(cfg)
     model, criterion = build_objective(kind, cfg, dataset.channels, projector_dim)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
@@ -209,8 +210,9 @@ def train_objective(kind: str, cfg: TwistConfig, dataset: ImageDataset, mean, st
             promoted.append(model.promote_lowest(head_sums, optimizer))
         log(f"  {kind}: epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")
     model.eval()
-    return model, {"steps": step, "skipped_steps": skipped, "projector_dim": (projector_dim or default_projector_dim(cfg))
-                   if kind in ("simclr", "barlow") else None, "final_loss": losses[-1] if losses else None,
+    return model, {"steps": step, "skipped_steps": skipped,
+                   "projector_dim": projector_dim if kind in ("simclr", "barlow") else None,
+                   "final_loss": losses[-1] if losses else None,
                    "heads": len(model.heads), "promoted_heads": promoted, "train_seconds": time.perf_counter() - t0}
 
 

@@ -222,7 +222,7 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
     from twist.inference import evaluate_model
     from twist.optim import build_optimizer, cosine_schedule, set_step_values
     from twist.train import (TrainingError, _progress, _rng_state, _set_rng_state, _summary, append_jsonl,
-                             train_step, unwrap)
+                             stop_if_diverged, train_step, unwrap)
 
     sl = cfg.selflabel
     if sl.epochs <= 0 or (max_steps is not None and max_steps <= 0):
@@ -338,10 +338,7 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
                                               "(set train.nonfinite=skip to skip such steps)")
                 skipped_steps += 1
                 skipped_in_a_row += 1
-                if skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
-                    raise TrainingError(f"{msg}; {skipped_in_a_row} steps in a row were not finite "
-                                        f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}): "
-                                        "self-labeling has diverged; stopped, the last checkpoint is intact")
+                stop_if_diverged(skipped_in_a_row, cfg, msg, "the last checkpoint is intact")
                 if main:
                     print(f"twist: {msg}; step skipped", file=sys.stderr)
             else:

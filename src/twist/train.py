@@ -468,10 +468,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                 _restore_buffers(buffers)
                 skipped_steps += 1
                 skipped_in_a_row += 1
-                if skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
-                    raise TrainingError(f"{msg}; {skipped_in_a_row} steps in a row were not finite "
-                                        f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}): the run "
-                                        f"has diverged; stopped, {kept}. Try a lower optim.lr or train.precision=fp32")
+                stop_if_diverged(skipped_in_a_row, cfg, msg, kept)
                 if main:
                     print(f"twist: {msg}; step skipped", file=sys.stderr)
             else:
@@ -559,6 +556,16 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         writer.close()
     tdist.barrier()  # no rank leaves before rank 0 has written its last files
     return last
+
+
+def stop_if_diverged(skipped_in_a_row: int, cfg: TwistConfig, msg: str, kept: str) -> None:
+    """Under train.nonfinite=skip, raise TrainingError once train.max_skipped_in_a_row steps in
+    a row were skipped (shared by the TWIST and self-labeling stages): such a run has diverged
+    rather than met one bad batch. ``msg`` names the last step, ``kept`` what the checkpoint holds."""
+    if skipped_in_a_row >= cfg.train.max_skipped_in_a_row:
+        raise TrainingError(f"{msg}; {skipped_in_a_row} steps in a row were not finite "
+                            f"(train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}): the run "
+                            f"has diverged; stopped, {kept}. Try a lower optim.lr or train.precision=fp32")
 
 
 def predictions_collapsed(record: dict[str, Any], num_classes: int) -> bool:
