@@ -194,3 +194,32 @@ def test_a_crash_at_the_stage_checkpoint_neither_loses_nor_doubles_a_metrics_lin
     train(_cfg(), tiny_npz, run, progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
+def test_a_diverged_stage_stops_at_the_skip_cap_and_keeps_the_twist_checkpoint(tiny_npz, tmp_path, monkeypatch):
+    """Under train.nonfinite=skip the self-labeling stage stops after train.max_skipped_in_a_row
+    non-finite steps in a row, as the TWIST stage does, and leaves the TWIST stage's checkpoint
+    and metrics line as they were."""
+    import twist.train
+    from twist.train import TrainingError, train
+
+    run = tmp_path / "run"
+    real_step = twist.train.train_step
+    calls = {"n": 0, "saved": None}
+
+    def step(model, criterion, optimizer, views, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first self-labeling step (the TWIST stage has 2)
+            calls["saved"] = (run / "checkpoint.pt").read_bytes()
+        if calls["n"] >= 3:
+            views = [torch.full_like(v, float("nan")) for v in views]
+        return real_step(model, criterion, optimizer, views, **kw)
+
+    monkeypatch.setattr(twist.train, "train_step", step)
+    cfg = _cfg(**{"train.nonfinite": "skip", "train.max_skipped_in_a_row": 2})
+    with pytest.raises(TrainingError, match=r"self-labeling epoch 1.*2 steps in a row.*max_skipped_in_a_row=2"):
+        train(cfg, tiny_npz, run, progress=False)
+    assert calls["n"] == 4
+    assert (run / "checkpoint.pt").read_bytes() == calls["saved"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("stage", "twist") for r in records] == ["twist"]
