@@ -82,7 +82,7 @@ from twist.augment import MultiCropAugment, dataset_stats
 from twist.config import TwistConfig, apply_overrides, get_preset
 from twist.data import ImageDataset, batch_loader, load_dataset
 from twist.loss import TwistLoss
-from twist.model import build_model
+from twist.model import build_model, scale_grad
 from twist.optim import build_optimizer, set_step_values
 from twist.train import (autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision,
                          sum_head_losses, train_step)
@@ -338,7 +338,9 @@ class FullStep:
         with autocast_context(dev, self.precision):
             feats = model.backbone_views(views)
             lap("backbone_fwd")
-            logits = [h(feats) for h in heads] if multi_head else [model.head(feats)]
+            cls_feats = scale_grad(feats, model.classifier_grad_scale)  # as forward_heads
+            logits = [h(cls_feats) for h in model.heads] + [h(feats) for h in heads[len(model.heads):]] \
+                if multi_head else [model.head(feats)]
             lap("head_fwd")
         per_head = [self.criterion(list(lg.split(sizes))) for lg in logits]
         if multi_head:

@@ -48,6 +48,8 @@ def test_bad_overrides(item, needle):
     ("train.precision=fp8", "bf16"),
     ("model.overcluster_classes=1", "model.overcluster_classes"),
     ("model.overcluster_classes=-3", "model.overcluster_classes"),
+    ("model.classifier_grad_scale=0", "model.overcluster_classes > 0"),  # nothing would train the backbone
+    ("model.classifier_grad_scale=1.5", "model.classifier_grad_scale"),
 ])
 def test_bad_values_fail_validation(item, needle):
     cfg = apply_overrides(TwistConfig(), [item])

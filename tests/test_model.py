@@ -151,6 +151,39 @@ def test_overcluster_head_is_trained_but_never_a_candidate():
     assert model.head.last_linear.weight.grad is None
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.25, 0.0])
+def test_classifier_grad_scale_scales_only_the_classifier_heads_share_of_the_backbone_gradient(scale):
+    """The classifier heads' gradient into the backbone is multiplied by the scale; their own
+    parameters and the over-clustering head's path are untouched, and the logits are too."""
+    cfg = ModelConfig(backbone="small_cnn", small_cnn_width=4, hidden_dim=16, num_classes=4, num_heads=2,
+                      overcluster_classes=8)
+    views = [torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)]
+
+    def grads(grad_scale):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**{**cfg.__dict__, "classifier_grad_scale": grad_scale}), in_channels=1)
+        model.train()
+        outs = model(views, all_heads=True)
+        found = {}
+        for part, heads in (("cls", outs[:2]), ("aux", outs[2:])):
+            model.zero_grad()
+            sum(z.square().sum() for h in heads for z in h).backward(retain_graph=True)
+            bb = model.backbone.features[0].weight.grad
+            found[part] = (torch.zeros_like(model.backbone.features[0].weight) if bb is None else bb.clone(),
+                           model.extra_heads[0].last_linear.weight.grad)
+        return outs, found
+
+    ref_outs, ref = grads(1.0)
+    outs, got = grads(scale)
+    for a, b in zip(ref_outs, outs):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert torch.allclose(got["cls"][0], scale * ref["cls"][0], atol=1e-6)
+    assert ref["cls"][0].abs().sum() > 0
+    assert torch.allclose(got["cls"][1], ref["cls"][1])  # the heads themselves learn at full rate
+    assert torch.allclose(got["aux"][0], ref["aux"][0])  # the over-clustering head's path is unscaled
+
+
 def test_train_step_updates_the_overcluster_head():
     from twist.loss import TwistLoss
     from twist.train import train_step

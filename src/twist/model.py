@@ -25,6 +25,26 @@ from twist.config import ModelConfig
 from twist.head import TwistHead
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged in the forward pass; its gradient multiplied by ``scale`` on the way back."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return _ScaleGrad.apply(x, scale)
+
+
 class TwistModel(nn.Module):
     """Backbone + head. ``head`` is the model's classifier; ``extra_heads`` (when
     ``num_heads > 1``) are further heads trained alongside it, of which the best is swapped
@@ -32,8 +52,9 @@ class TwistModel(nn.Module):
     trained alongside too but never promoted: they only shape the backbone's features."""
 
     def __init__(self, backbone: nn.Module, head: TwistHead, extra_heads: list[TwistHead] | None = None,
-                 aux_heads: list[TwistHead] | None = None):
+                 aux_heads: list[TwistHead] | None = None, classifier_grad_scale: float = 1.0):
         super().__init__()
+        self.classifier_grad_scale = classifier_grad_scale
         self.backbone = backbone
         self.head = head
         if extra_heads:
@@ -90,7 +111,9 @@ class TwistModel(nn.Module):
         The order is :attr:`trained_heads`: classifier heads first, over-clustering heads last."""
         feats = self.backbone_views(views)
         sizes = [v.shape[0] for v in views]
-        return [list(h(feats).split(sizes)) for h in self.trained_heads]
+        cls_feats = scale_grad(feats, self.classifier_grad_scale)
+        return [list(h(cls_feats).split(sizes)) for h in self.heads] + \
+            [list(h(feats).split(sizes)) for h in getattr(self, "aux_heads", [])]
 
     def promote_lowest(self, losses: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Promote the classifier head with the lowest of ``losses`` (one per :attr:`trained_heads`,
@@ -140,4 +163,4 @@ def build_model(cfg: ModelConfig, in_channels: int = 3) -> TwistModel:
 
     heads = [head(cfg.num_classes) for _ in range(cfg.num_heads)]
     aux = [head(cfg.overcluster_classes)] if cfg.overcluster_classes else None
-    return TwistModel(backbone, heads[0], heads[1:], aux)
+    return TwistModel(backbone, heads[0], heads[1:], aux, cfg.classifier_grad_scale)
