@@ -462,3 +462,16 @@ def test_crafted_checkpoint_in_the_run_folder_is_refused(tiny_npz, tmp_path, cap
         if name == "other model":
             assert "does not match" in line
     assert not (tmp_path / "pwned").exists()  # nothing in any file was executed
+
+
+def test_grayscale_data_under_the_colour_preset_gets_a_hint(tiny_npz, tmp_path, capsys):
+    """`twist train PATH` without --preset uses cifar10; on grayscale images it says that the
+    mnist preset suits them (measured 0.993 vs 0.857 on MNIST), and trains anyway."""
+    from twist.train import preset_hint
+
+    assert "--preset mnist" in preset_hint(get_preset("cifar10"), 1)
+    assert preset_hint(get_preset("cifar10"), 3) is None
+    assert preset_hint(get_preset("mnist"), 1) is None
+    rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(tmp_path / "r"), "--epochs", "1", *sets(TINY)])
+    assert rc == 0, err
+    assert sum("--preset mnist" in line for line in err.splitlines()) == 1
