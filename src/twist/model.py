@@ -108,7 +108,9 @@ class TwistModel(nn.Module):
     def forward_heads(self, views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Logits of every trained head for each view: ``out[h][v]`` is (B, C_h); backbone run once.
 
-        The order is :attr:`trained_heads`: classifier heads first, over-clustering heads last."""
+        The order is :attr:`trained_heads`: classifier heads first, over-clustering heads last.
+        The classifier heads' gradient into the backbone is multiplied by
+        ``classifier_grad_scale`` (model.classifier_grad_scale); the values are not changed."""
         feats = self.backbone_views(views)
         sizes = [v.shape[0] for v in views]
         cls_feats = scale_grad(feats, self.classifier_grad_scale)
