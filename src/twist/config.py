@@ -481,7 +481,7 @@ def _cifar10() -> TwistConfig:
     five heads (the lowest-loss one kept) as on digits: with C equal to the number of classes
     the NBS caps how confident softmax(z) can be at tau = 1. Measured on the test split, one
     run each, seed 0 (docs/results.md; seeds move these a lot: the preset gave ACC 0.601 / kNN
-    0.734 at seed 0 and 0.501 / 0.723 at seed 1):
+    0.734 at seed 0, 0.501 / 0.723 at seed 1 and 0.569 / 0.720 at seed 2):
     - an over-clustering head (model.overcluster_classes=100, its loss added, never promoted)
       lifted cluster ACC 0.494 -> 0.538 and kNN 0.633 -> 0.656 (crops 0.2-1);
     - classifier_grad_scale = 0.2 (= 1 / num_heads: the backbone gets the mean, not the sum, of
