@@ -82,7 +82,7 @@ from twist.augment import MultiCropAugment, dataset_stats
 from twist.config import TwistConfig, apply_overrides, get_preset
 from twist.data import ImageDataset, batch_loader, load_dataset
 from twist.loss import TwistLoss
-from twist.model import build_model, scale_grad
+from twist.model import build_model
 from twist.optim import build_optimizer, set_step_values
 from twist.train import (autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision,
                          sum_head_losses, train_step)
@@ -305,7 +305,7 @@ class FullStep:
     # ------------------------------------------------------------------ instrumented step
     def breakdown(self) -> dict[str, float]:
         """One step of the same work, cut into timed parts (ms). The forward is called piece by
-        piece exactly as ``TwistModel.forward`` (``forward_heads`` with several heads) does, and
+        piece as ``TwistModel.forward`` does (``backbone_views``, then ``head_logits`` with several heads), and
         the loss as ``train_step`` computes it: with ``model.num_heads > 1`` every head's logits,
         every head's loss, their sum backpropagated. Backward parts are timed with gradient
         hooks on every head's logits and on the backbone features. A hook on the logits runs
@@ -338,9 +338,7 @@ class FullStep:
         with autocast_context(dev, self.precision):
             feats = model.backbone_views(views)
             lap("backbone_fwd")
-            cls_feats = scale_grad(feats, model.classifier_grad_scale)  # as forward_heads
-            logits = [h(cls_feats) for h in model.heads] + [h(feats) for h in heads[len(model.heads):]] \
-                if multi_head else [model.head(feats)]
+            logits = model.head_logits(feats) if multi_head else [model.head(feats)]
             lap("head_fwd")
         per_head = [self.criterion(list(lg.split(sizes))) for lg in logits]
         if multi_head:

@@ -1,5 +1,7 @@
 """Head shapes, the NBS, the per-resolution backbone calls, and backbone variants."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -161,7 +163,7 @@ def test_classifier_grad_scale_scales_only_the_classifier_heads_share_of_the_bac
 
     def grads(grad_scale):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(**{**cfg.__dict__, "classifier_grad_scale": grad_scale}), in_channels=1)
+        model = build_model(dataclasses.replace(cfg, classifier_grad_scale=grad_scale), in_channels=1)
         model.train()
         outs = model(views, all_heads=True)
         found = {}

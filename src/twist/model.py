@@ -111,11 +111,14 @@ class TwistModel(nn.Module):
         The order is :attr:`trained_heads`: classifier heads first, over-clustering heads last.
         The classifier heads' gradient into the backbone is multiplied by
         ``classifier_grad_scale`` (model.classifier_grad_scale); the values are not changed."""
-        feats = self.backbone_views(views)
         sizes = [v.shape[0] for v in views]
+        return [list(z.split(sizes)) for z in self.head_logits(self.backbone_views(views))]
+
+    def head_logits(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        """Every trained head on backbone features ``feats`` (N, D): one (N, C_h) tensor per head,
+        in :attr:`trained_heads` order, the classifier heads' gradient into ``feats`` scaled."""
         cls_feats = scale_grad(feats, self.classifier_grad_scale)
-        return [list(h(cls_feats).split(sizes)) for h in self.heads] + \
-            [list(h(feats).split(sizes)) for h in getattr(self, "aux_heads", [])]
+        return [h(cls_feats) for h in self.heads] + [h(feats) for h in getattr(self, "aux_heads", [])]
 
     def promote_lowest(self, losses: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Promote the classifier head with the lowest of ``losses`` (one per :attr:`trained_heads`,
