@@ -472,8 +472,8 @@ def _mnist() -> TwistConfig:
 
 
 def _cifar10() -> TwistConfig:
-    """CIFAR-10 on a CPU in about 20 minutes (19.5 measured on 2 cores): a small convnet, two 32 px views, five
-    C=10 heads and one over-clustering head (C=100), 25 epochs.
+    """CIFAR-10 on a CPU in about 20 minutes (19.5 measured on 2 cores): a small convnet, two
+    32 px views, five C=10 heads and one over-clustering head (C=100), 25 epochs.
 
     On this budget the number of optimiser steps matters more than the network's size: the
     small convnet (width 32, 128-d features) runs about 13x faster per image than ResNet-18 with
