@@ -89,13 +89,13 @@ def test_predict_streams_in_batches(trained, tmp_path, monkeypatch):
     ds = load_for_prediction(str(folder), trained)
     assert not ds.in_memory  # folders are decoded batch by batch, never all at once
     sizes = []
-    original = ImageDataset._decode_batch
+    original = ImageDataset.decode_batch
 
     def spy(self, idx, threads):
         sizes.append(len(idx))
         return original(self, idx, threads)
 
-    monkeypatch.setattr(ImageDataset, "_decode_batch", spy)
+    monkeypatch.setattr(ImageDataset, "decode_batch", spy)
     res = predict(trained, ds, tmp_path / "p.csv", batch_size=5, progress=False)
     assert res["num_images"] == len(names) and sum(res["cluster_counts"]) == len(names)
     assert max(sizes) <= 5 and sum(sizes) == len(names)
