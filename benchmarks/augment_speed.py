@@ -20,7 +20,8 @@ import time
 import torch
 
 from twist.augment import MultiCropAugment
-from twist.config import AugmentConfig, get_preset
+from twist.config import AugmentConfig
+from twist.presets import get_preset
 
 
 def _configs(large: bool) -> list[tuple[str, AugmentConfig, int, int]]:

@@ -45,7 +45,8 @@ from twist.head import TwistHead
 from twist.loss import view_pairs
 from twist.model import TwistModel
 from twist.optim import build_optimizer, cosine_schedule, set_step_values
-from twist.train import seed_everything, train_step
+from twist.runtime import seed_everything
+from twist.train import train_step
 
 OBJECTIVES = ("iic", "simclr", "barlow")
 

@@ -62,13 +62,15 @@ from baselines import OBJECTIVES, as_features, calibrate_bn, train_objective  # 
 
 from twist.augment import EvalTransform, dataset_stats  # noqa: E402
 from twist.backbones import build_backbone  # noqa: E402
-from twist.config import apply_overrides, get_preset  # noqa: E402
+from twist.config import apply_overrides  # noqa: E402
+from twist.presets import get_preset  # noqa: E402
 from twist.data import load_dataset  # noqa: E402
 from twist.evaluate import cluster_metrics, knn_top1, linear_probe  # noqa: E402
 from twist.inference import extract  # noqa: E402
 from twist.model import TwistModel  # noqa: E402
 from twist.serving import load_trained  # noqa: E402
-from twist.train import resolve_device, resolve_precision, train  # noqa: E402
+from twist.runtime import resolve_device, resolve_precision  # noqa: E402
+from twist.train import train  # noqa: E402
 
 METHODS = ("kmeans_raw", "random", "twist") + OBJECTIVES
 LABELS = {

@@ -47,7 +47,7 @@ process after one warm-up step (so the timed process's allocator state plays no 
     step, so the figure follows the live tensors like the CUDA one. torch does not count CPU
     allocations (``torch.cuda`` statistics do not apply), hence RSS. Elsewhere it is null.
     A training process holds more than this: glibc keeps freed memory in its heap
-    (``twist.train.keep_freed_cpu_memory`` on purpose), 10-30% on top in our measurements.
+    (``twist.runtime.keep_freed_cpu_memory`` on purpose), 10-30% on top in our measurements.
 The baseline's figure covers the main process only (its loader workers hold the PIL work).
 
 The script ends its stdout with one JSON line (``ceiling_ips``, ``full_ips``, ``baseline_ips``,
@@ -79,13 +79,14 @@ import torch
 from torch import nn
 
 from twist.augment import MultiCropAugment, dataset_stats
-from twist.config import TwistConfig, apply_overrides, get_preset
+from twist.config import TwistConfig, apply_overrides
+from twist.presets import get_preset
 from twist.data import ImageDataset, batch_loader, load_dataset
 from twist.loss import TwistLoss
 from twist.model import build_model
 from twist.optim import build_optimizer, set_step_values
-from twist.train import (autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision,
-                         sum_head_losses, train_step)
+from twist.runtime import autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision
+from twist.train import sum_head_losses, train_step
 
 
 def _log(msg: str) -> None:

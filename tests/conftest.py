@@ -58,7 +58,8 @@ def torch_one_thread():
 @pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory) -> Path:
     """Path of a run folder with a tiny digits model (see the module docstring)."""
-    from twist.config import apply_overrides, get_preset
+    from twist.config import apply_overrides
+    from twist.presets import get_preset
     from twist.train import train
 
     cfg = get_preset("digits")

@@ -50,7 +50,8 @@ def test_iic_baseline_gets_the_presets_over_clustering_head_and_never_promotes_i
         import baselines
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    from twist.config import apply_overrides, get_preset
+    from twist.config import apply_overrides
+    from twist.presets import get_preset
     from twist.data import ImageDataset
 
     cfg = apply_overrides(get_preset("cifar10"), ["model.small_cnn_width=4", "model.hidden_dim=16",
@@ -77,7 +78,8 @@ def test_contrastive_baselines_keep_a_wide_projector_when_twist_heads_are_narrow
         import baselines
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    from twist.config import apply_overrides, get_preset
+    from twist.config import apply_overrides
+    from twist.presets import get_preset
 
     cfg = apply_overrides(get_preset("cifar10"), ["model.small_cnn_width=4", "model.hidden_dim=16"])
     simclr, _ = baselines.build_objective("simclr", cfg, 3)

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from twist.config import PRESETS, ConfigError, TwistConfig, apply_overrides, get_preset, valid_keys
+from twist.config import ConfigError, TwistConfig, apply_overrides, valid_keys
+from twist.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

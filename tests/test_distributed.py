@@ -81,7 +81,8 @@ def _eval_transform(x: torch.Tensor) -> torch.Tensor:
 def _run_case(name: str, rank: int, world: int) -> dict:
     """Three train_step calls; ``world`` > 1 means inside a process group (DDP + sync BNs)."""
     from twist.inference import evaluate_model
-    from twist.train import train_step, unwrap
+    from twist.runtime import unwrap
+    from twist.train import train_step
 
     case = CASES[name]
     torch.manual_seed(0)
@@ -254,7 +255,8 @@ def _forbid_writes() -> None:
 
 
 def _digits_cfg(batch_size: int = 64):
-    from twist.config import apply_overrides, get_preset
+    from twist.config import apply_overrides
+    from twist.presets import get_preset
 
     return apply_overrides(get_preset("digits"), [
         "train.epochs=2", f"train.batch_size={batch_size}", "train.eval_every=1", "train.device=cpu",

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from twist.config import ModelConfig, get_preset
+from twist.config import ModelConfig
+from twist.presets import get_preset
 from twist.head import TwistHead
 from twist.model import build_model
 
@@ -204,7 +205,8 @@ def test_train_step_updates_the_overcluster_head():
 def test_training_logs_the_overcluster_loss_and_never_promotes_it(tmp_path):
     import numpy as np
 
-    from twist.config import apply_overrides, get_preset
+    from twist.config import apply_overrides
+    from twist.presets import get_preset
     from twist.train import train
 
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ SHORT_EPOCHS = 10
 def test_short_digits_training_beats_kmeans_on_raw_pixels(tmp_path):
     from sklearn.cluster import KMeans
 
-    from twist.config import get_preset
+    from twist.presets import get_preset
     from twist.data import load_dataset
     from twist.evaluate import cluster_metrics
     from twist.train import train

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from twist.config import IMAGENET_TRAIN_IMAGES, RECIPE_WORLD_SIZE, apply_overrides, get_preset
+from twist.config import apply_overrides
+
+# recipe: (optimizer, base lr, wd start, wd end, warm-up epochs, TWIST epochs, self-label epochs,
+
+from twist.presets import IMAGENET_TRAIN_IMAGES, RECIPE_WORLD_SIZE, get_preset
 
 # recipe: (optimizer, base lr, wd start, wd end, warm-up epochs, TWIST epochs, self-label epochs,
 #          global batch, C, local crops, global scale, local scale, alpha, beta, EMA, clip, backbone)

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from twist.config import apply_overrides, get_preset
+from twist.config import apply_overrides
+from twist.presets import get_preset
 from twist.train import _drop_unsaved_metrics, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py

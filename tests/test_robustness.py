@@ -27,7 +27,8 @@ from PIL import Image
 import twist.train
 from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist.cli import main
-from twist.config import apply_overrides, get_preset
+from twist.config import apply_overrides
+from twist.presets import get_preset
 from twist.model import build_model
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py

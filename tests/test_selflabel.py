@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from twist.checkpoint import load_checkpoint
-from twist.config import apply_overrides, get_preset
+from twist.config import apply_overrides
+from twist.presets import get_preset
 from twist.selflabel import SelfLabelLoss, selection_threshold, selflabel_loss
 
 EPS = 1e-5

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from twist.config import ConfigError, ModelConfig, apply_overrides, get_preset
+from twist.config import ConfigError, ModelConfig, apply_overrides
+from twist.presets import get_preset
 from twist.ema import make_teacher, update_teacher
 from twist.model import build_model
 

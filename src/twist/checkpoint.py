@@ -9,13 +9,13 @@ half of one.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
+
+from twist.io import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "twist/1"
@@ -26,37 +26,9 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``state`` to ``path`` atomically (:func:`twist.io.atomic_write`: a unique temporary
+    file beside it, fsync, rename)."""
     return atomic_write(path, lambda f: torch.save(state, f))
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """Create ``path`` through ``write(file)``: a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``, so a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

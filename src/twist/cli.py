@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from twist.config import PRESETS, ConfigError, TwistConfig, apply_overrides, get_preset
+from twist.config import ConfigError, TwistConfig, apply_overrides
+from twist.presets import PRESETS, get_preset
 
 DATA_HELP = ("'digits' (built in, no download), an .npz file with x (N,H,W,C uint8) and optional y, a folder of "
              "npz splits (train*.npz, test.npz), or an image folder (labels from first-level sub-folders, if any)")
@@ -282,7 +283,7 @@ def dry_run_summary(cfg: TwistConfig, data: str, world_size: int | None = None) 
     epoch, learning-rate / weight-decay / EMA schedules and the self-labeling stage."""
     import os
 
-    from twist.config import IMAGENET_TRAIN_IMAGES, RECIPE_WORLD_SIZE
+    from twist.presets import IMAGENET_TRAIN_IMAGES, RECIPE_WORLD_SIZE
 
     recipe = cfg.preset in RECIPE_WORLD_SIZE
     if world_size is not None:

@@ -68,7 +68,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from twist.checkpoint import CheckpointError, atomic_write, save_checkpoint
+from twist.checkpoint import CheckpointError, save_checkpoint
+from twist.io import atomic_write
 from twist.config import ConfigError
 
 FORMATS = ("torchvision", "timm", "safetensors", "detectron2")

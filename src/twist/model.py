@@ -7,7 +7,7 @@ runs once on the features of every view, so the NBS normalises over all crops of
 Example::
 
     >>> import torch
-    >>> from twist.config import get_preset
+    >>> from twist.presets import get_preset
     >>> from twist.model import build_model
     >>> model = build_model(get_preset("digits").model, in_channels=1)
     >>> views = [torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16), torch.randn(4, 1, 12, 12)]

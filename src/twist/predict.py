@@ -20,6 +20,7 @@ labels. Embeddings are the pooled backbone features (float32, ``(N, D)``), rows 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from twist.data import ImageDataset, batch_loader, display_path, load_dataset
+from twist.io import atomic_open, atomic_path
 
 __all__ = ["predict", "stream_outputs", "load_for_prediction", "read_predictions", "match_channels", "CSV_COLUMNS"]
 
@@ -119,7 +121,7 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, precision: str):
-    from twist.train import autocast_context
+    from twist.runtime import autocast_context
 
     return autocast_context(device, precision)
 
@@ -156,52 +158,43 @@ def predict(trained, data: str | ImageDataset, out_csv: str | os.PathLike, embed
     n = len(ds)
     num_clusters = trained.model.num_classes
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp_csv = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.tmp")
     emb_path = Path(embeddings) if embeddings is not None else None
-    tmp_emb = emb = None
-    if emb_path is not None:
-        emb_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_emb = emb_path.with_name(f".{emb_path.name}.{os.getpid()}.tmp")
-        emb = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=np.float32, shape=(n, trained.model.feature_dim))
     labels = ds.labels
     names = ds.class_names
     counts = np.zeros(num_clusters, dtype=np.int64)
     written = 0
-    try:
-        with open(tmp_csv, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
-            w = csv.writer(fh)
-            header = list(CSV_COLUMNS)
-            if labels is not None:
-                header += ["label", "label_name"]
-            w.writerow(header)
-            for idx, probs, feats in stream_outputs(trained, ds, batch_size=batch_size, num_workers=num_workers,
-                                                    want_features=emb is not None, progress=progress):
-                k = min(3, probs.shape[1])
-                top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-                top_p = np.take_along_axis(probs, top, axis=1)
-                counts += np.bincount(top[:, 0], minlength=num_clusters)
-                for r, i in enumerate(idx.tolist()):
-                    path = display_path(ds.paths[i]) if ds.paths is not None else str(i)
-                    row: list[Any] = [i, path, int(top[r, 0]), f"{top_p[r, 0]:.6f}"]
-                    for j in range(3):
-                        row += [int(top[r, j]), f"{top_p[r, j]:.6f}"] if j < k else ["", ""]
-                    if labels is not None:
-                        lab = int(labels[i])
-                        row += [lab, names[lab] if names is not None and 0 <= lab < len(names) else ""]
-                    w.writerow(row)
-                if emb is not None:
-                    emb[idx] = feats
-                written += len(idx)
+    # both files appear only once complete (embeddings first), an interrupted run leaves neither
+    with atomic_open(out_csv, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh, \
+            (atomic_path(emb_path) if emb_path is not None else contextlib.nullcontext()) as tmp_emb:
+        emb = None
+        if tmp_emb is not None:
+            emb = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=np.float32, shape=(n, trained.model.feature_dim))
+        w = csv.writer(fh)
+        header = list(CSV_COLUMNS)
+        if labels is not None:
+            header += ["label", "label_name"]
+        w.writerow(header)
+        for idx, probs, feats in stream_outputs(trained, ds, batch_size=batch_size, num_workers=num_workers,
+                                                want_features=emb is not None, progress=progress):
+            k = min(3, probs.shape[1])
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            top_p = np.take_along_axis(probs, top, axis=1)
+            counts += np.bincount(top[:, 0], minlength=num_clusters)
+            for r, i in enumerate(idx.tolist()):
+                path = display_path(ds.paths[i]) if ds.paths is not None else str(i)
+                row: list[Any] = [i, path, int(top[r, 0]), f"{top_p[r, 0]:.6f}"]
+                for j in range(3):
+                    row += [int(top[r, j]), f"{top_p[r, j]:.6f}"] if j < k else ["", ""]
+                if labels is not None:
+                    lab = int(labels[i])
+                    row += [lab, names[lab] if names is not None and 0 <= lab < len(names) else ""]
+                w.writerow(row)
+            if emb is not None:
+                emb[idx] = feats
+            written += len(idx)
         if emb is not None:
             emb.flush()
             del emb
-            os.replace(tmp_emb, emb_path)
-        os.replace(tmp_csv, out_csv)
-    finally:
-        for tmp in (tmp_csv, tmp_emb):
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
     return {"num_images": written, "csv": str(out_csv), "embeddings": str(emb_path) if emb_path else None,
             "cluster_counts": counts.tolist(), "clusters_used": int((counts > 0).sum()),
             "skipped": len(ds.skipped), "replaced": ds.replaced}

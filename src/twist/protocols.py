@@ -48,6 +48,7 @@ from torch import nn
 
 from twist.config import ConfigError
 from twist.data import DataError, ImageDataset, load_dataset
+from twist.io import write_text_atomic
 
 __all__ = [
     "PROTOCOLS",
@@ -287,11 +288,7 @@ def _labels_of(ds: ImageDataset, role: str) -> np.ndarray:
 
 
 def _write_json(path: Path, obj: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _features(trained, ds: ImageDataset, opts: EvalOptions, want_probs: bool, progress: bool):
@@ -303,14 +300,14 @@ def _features(trained, ds: ImageDataset, opts: EvalOptions, want_probs: bool, pr
 
 
 def _resolve_precision(name: str, device: torch.device) -> str:
-    from twist.train import resolve_precision
+    from twist.runtime import resolve_precision
 
     p = resolve_precision(name, device)
     return "bf16" if p == "fp16" else p  # no GradScaler here: fp16 -> bf16 (or use fp32 explicitly)
 
 
 def _autocast(device: torch.device, precision: str):
-    from twist.train import autocast_context
+    from twist.runtime import autocast_context
 
     return autocast_context(device, precision)
 

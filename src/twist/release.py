@@ -56,7 +56,9 @@ from typing import Any
 import torch
 
 from twist.checkpoint import CHECKPOINT_NAME, FORMAT, CheckpointError, save_checkpoint, unsafe_globals
-from twist.config import PRESETS, ConfigError, TwistConfig, get_preset
+from twist.io import write_text_atomic
+from twist.config import ConfigError, TwistConfig
+from twist.presets import PRESETS, get_preset
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -461,7 +463,7 @@ def import_release(path: str | Path, out: str | Path, *, arch: str | None = None
                    "head": "release" if head is not None else "fresh", "teacher": use_teacher,
                    "args": _json_safe(weights.args) if weights.args else None, "notes": list(notes)},
     }, target)
-    (out / "config.json").write_text(cfg.to_json() + "\n")
+    write_text_atomic(out / "config.json", cfg.to_json() + "\n")
     return ImportResult(target, cfg, weights.kind, notes)
 
 

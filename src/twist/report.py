@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from twist.data import DataError, ImageDataset, display_path
+from twist.io import write_text_atomic
 
 __all__ = ["report", "read_metrics", "svg_line_chart", "svg_bar_chart", "svg_heatmap"]
 
@@ -525,13 +526,11 @@ def report(run: str | os.PathLike, data: str | ImageDataset | None = None, out: 
 </body></html>
 """
     html_path = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, html_path)
+    write_text_atomic(html_path, page)
     summary = {"html": str(html_path), "num_images": int(n), "clusters_used": int((sizes > 0).sum()),
                "clusters_shown": len(shown), "images_shown": int(len(all_idx)), "num_clusters": int(num_clusters),
                "cluster_sizes": sizes.tolist(), "data": display_path(ds.name)}
     if metrics is not None:
         summary["metrics"] = {k: metrics[k] for k in ("acc", "nmi", "ami", "ari", "clusters_used")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

@@ -36,7 +36,7 @@ class TrainedModel:
 def load_trained(path: str | Path, device: str = "auto", trust_pickle: bool = False,
                  precision: str = "fp32") -> TrainedModel:
     """Rebuild a model from a checkpoint file or run folder, in eval mode on ``device``."""
-    from twist.train import resolve_device
+    from twist.runtime import resolve_device
 
     path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)

@@ -16,14 +16,12 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -34,78 +32,15 @@ from twist.config import ConfigError, TwistConfig
 from twist.data import ImageDataset, batch_loader, load_dataset
 from twist.inference import evaluate_model
 from twist.loss import TwistLoss
-from twist.model import TwistModel, build_model
+from twist.model import build_model
+from twist.io import stale_temporaries, write_text_atomic
 from twist.optim import build_optimizer, cosine_schedule, set_step_values
+from twist.runtime import (autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision,
+                           seed_everything, unwrap)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss under the 'stop' policy, unusable output folder)."""
-
-
-# ---------------------------------------------------------------------- device and precision
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where autocast pays."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def keep_freed_cpu_memory() -> bool:
-    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the system.
-
-    By default every tensor over 32 MB (most activations of a training step) is a fresh
-    ``mmap``, so each step touches new pages again; on VMs and containers those page faults cost
-    10-15% of a CPU training step (benchmarks/throughput.py, docs/benchmarks.md). Serving all
-    allocations from the heap and never trimming it makes later steps reuse the pages of
-    earlier ones; the process then keeps its peak heap (about 10-20% above the default's peak
-    resident memory). Process-wide; called by :func:`train` on CPU. Returns False (and changes
-    nothing) without glibc or when the environment variable ``TWIST_DEFAULT_MALLOC`` is set."""
-    if os.environ.get("TWIST_DEFAULT_MALLOC") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on a CPU")
-    return name
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------- output folder
@@ -132,12 +67,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 SKIPPED_NAME = "skipped_files.tsv"
 """Run-folder list of the data files left out (``path<TAB>reason``, see ImageDataset.write_skipped)."""
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _report_skipped(dataset: ImageDataset, out: Path, written: int) -> int:
@@ -167,7 +96,7 @@ def _drop_unsaved_metrics(path: Path, last_epoch: int) -> None:
             continue
         keep.append(line + "\n")
     if "".join(keep) != text:
-        _write_text_atomic(path, "".join(keep))
+        write_text_atomic(path, "".join(keep))
 
 
 def _load_resume_checkpoint(path: Path) -> dict[str, Any]:
@@ -259,10 +188,6 @@ def _set_rng_state(state: dict[str, Any], aug_gen: torch.Generator) -> None:
     aug_gen.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def unwrap(model: nn.Module) -> TwistModel:
-    return model.module if hasattr(model, "module") else model
 
 
 # ---------------------------------------------------------------------- the loop
@@ -390,12 +315,12 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         if main:
             print(f"twist: resuming {out} from epoch {state.epoch}, step {state.global_step}", file=sys.stderr)
     if main:
-        _write_text_atomic(out / "config.json", cfg.to_json() + "\n")
+        write_text_atomic(out / "config.json", cfg.to_json() + "\n")
         logged = state.epoch
         if ckpt is not None and ckpt.get("stage") == "selflabel":  # its epochs continue the TWIST count
             logged += int((ckpt.get("selflabel") or {}).get("epoch", 0))
         _drop_unsaved_metrics(out / "metrics.jsonl", logged)
-        for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a process killed while saving
+        for stale in stale_temporaries(out, CHECKPOINT_NAME):  # left by a process killed while saving
             stale.unlink(missing_ok=True)
 
     def checkpoint() -> None:

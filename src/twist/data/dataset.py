@@ -16,6 +16,7 @@ from PIL import Image
 
 from twist.data.decode import decode_image, display_path, failure_reason
 from twist.data.threads import num_threads, ordered_map
+from twist.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,5 @@ class ImageDataset:
             text = json.dumps([{"path": p, "reason": r} for p, r in rows], ensure_ascii=False, indent=1) + "\n"
         else:
             text = "path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in rows)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        write_text_atomic(out, text)
         return out
