@@ -46,7 +46,7 @@ from twist.loss import view_pairs
 from twist.model import TwistModel
 from twist.optim import build_optimizer, cosine_schedule, set_step_values
 from twist.runtime import seed_everything
-from twist.train import train_step
+from twist.stage import train_step
 
 OBJECTIVES = ("iic", "simclr", "barlow")
 

@@ -17,7 +17,7 @@ windows of ``--steps`` optimiser steps after ``--warmup`` untimed steps:
     augmentation, no head, no loss, no optimiser: nothing a training step can avoid.
 (b) full     -- the ``twist train`` step: the next batch of the in-memory uint8 dataset from
     ``twist.data.batch_loader``, batched on-device ``MultiCropAugment``, views to the memory
-    format, ``twist.train.train_step`` (forward under autocast, TwistLoss, backward, finiteness
+    format, ``twist.train.TwistStep`` (forward under autocast, TwistLoss, backward, finiteness
     check, optimiser step) and the loss bookkeeping of the training loop.
 (c) baseline -- a release-style pipeline on the same model, batch and views: per-image PIL
     torchvision transforms (RandomResizedCrop, flip, ColorJitter, grayscale, blur, solarize with
@@ -86,7 +86,8 @@ from twist.loss import TwistLoss
 from twist.model import build_model
 from twist.optim import build_optimizer, set_step_values
 from twist.runtime import autocast_context, keep_freed_cpu_memory, resolve_device, resolve_precision
-from twist.train import sum_head_losses, train_step
+from twist.stage import all_finite, sum_head_losses, train_step
+from twist.train import TwistStep
 
 
 def _log(msg: str) -> None:
@@ -263,7 +264,8 @@ class Ceiling:
 
 # ====================================================================== (b) the full twist step
 class FullStep:
-    """The step of ``twist.train.train``: loader -> augmentation -> train_step -> bookkeeping."""
+    """The step of ``twist.train.train`` (``twist.train.TwistStep``, the same object the training
+    run calls): loader -> augmentation -> train_step -> bookkeeping."""
 
     name = "full"
 
@@ -285,18 +287,17 @@ class FullStep:
         self.loader = _batches(dataset, self.batch, cfg.train.seed)
         self.sums = torch.zeros(4, dtype=torch.float64)
         self.nonfinite = 0
+        # the training run's own step at constant lr / weight decay (step index 0 of one-entry schedules)
+        self.twist_step = TwistStep(self.model, self.criterion, self.optimizer, self.augment, self.gen,
+                                    ([self.lr], [cfg.optim.weight_decay], [cfg.ema.momentum]), device=device,
+                                    precision=precision, memory_format=self.memory_format, scaler=self.scaler,
+                                    clip_grad=cfg.optim.clip_grad, forward_model=self.forward_model)
 
     def step(self) -> None:
-        cfg = self.cfg
         images, _ = next(self.loader)
-        set_step_values(self.optimizer, self.lr, cfg.optim.weight_decay)
-        images = images.to(self.device, non_blocking=True)
-        views = [v.contiguous(memory_format=self.memory_format) for v in self.augment(images, self.gen)]
-        terms, finite = train_step(self.forward_model, self.criterion, self.optimizer, views, device=self.device,
-                                   precision=self.precision, scaler=self.scaler, clip_grad=cfg.optim.clip_grad)
+        _, finite, logged = self.twist_step(images, 0)
         if finite:
-            self.sums += torch.stack([terms.loss, terms.consistency, terms.sharpness,
-                                      terms.diversity]).detach().double().cpu()
+            self.sums += logged[:4]
         else:
             self.nonfinite += 1
 
@@ -364,9 +365,7 @@ class FullStep:
         marks["head_bwd"] = (hook_times.get("feats", end) - hook_times.get("logits", start)) * 1e3
         marks["backbone_bwd"] = (end - hook_times.get("feats", end)) * 1e3
         t.append(end)
-        from twist.train import _all_finite
-
-        ok = _all_finite(loss, model)
+        ok = all_finite(loss, model)
         lap("finite_check")
         if ok:
             if cfg.optim.clip_grad > 0:

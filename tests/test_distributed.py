@@ -82,7 +82,7 @@ def _run_case(name: str, rank: int, world: int) -> dict:
     """Three train_step calls; ``world`` > 1 means inside a process group (DDP + sync BNs)."""
     from twist.inference import evaluate_model
     from twist.runtime import unwrap
-    from twist.train import train_step
+    from twist.stage import train_step
 
     case = CASES[name]
     torch.manual_seed(0)
@@ -243,12 +243,15 @@ def _forbid_writes() -> None:
     """Any file write from this (non-zero) rank fails the run."""
     import pathlib
 
+    import twist.stage
     import twist.train
 
     def refuse(*_a, **_k):
         raise AssertionError(f"rank {os.environ['RANK']} tried to write a file")
 
-    for name in ("save_checkpoint", "append_jsonl", "prepare_output", "_tensorboard"):
+    for name in ("save_checkpoint", "append_jsonl", "prepare_output", "tensorboard"):
+        setattr(twist.stage, name, refuse)
+    for name in ("prepare_output", "tensorboard"):  # train's own names for the two it calls
         setattr(twist.train, name, refuse)
     pathlib.Path.write_text = refuse
     pathlib.Path.write_bytes = refuse

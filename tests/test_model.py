@@ -189,7 +189,7 @@ def test_classifier_grad_scale_scales_only_the_classifier_heads_share_of_the_bac
 
 def test_train_step_updates_the_overcluster_head():
     from twist.loss import TwistLoss
-    from twist.train import train_step
+    from twist.stage import train_step
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="small_cnn", small_cnn_width=4, hidden_dim=16, num_classes=4, overcluster_classes=8)

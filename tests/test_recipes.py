@@ -92,10 +92,11 @@ def one_thread():
 
 @pytest.mark.parametrize("name", sorted(PER_RECIPE))
 def test_recipe_trains_a_few_steps(name, tiny_rgb, tmp_path, monkeypatch, one_thread):
+    import twist.stage
     import twist.train
 
     saved = []  # keep the (large) checkpoints in memory instead of on disk
-    monkeypatch.setattr(twist.train, "save_checkpoint", lambda state, path: saved.append(state))
+    monkeypatch.setattr(twist.stage, "save_checkpoint", lambda state, path: saved.append(state))
     cfg = apply_overrides(get_preset(name), TINY + PER_RECIPE[name])
     record = twist.train.train(cfg, tiny_rgb, tmp_path / name, progress=False, max_steps=2)
     assert record["step"] == 2 and math.isfinite(record["loss"]) and record["skipped_steps"] == 0

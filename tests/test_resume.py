@@ -23,7 +23,8 @@ import torch
 from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from twist.config import apply_overrides
 from twist.presets import get_preset
-from twist.train import _drop_unsaved_metrics, train
+from twist.stage import drop_unsaved_metrics
+from twist.train import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
 
@@ -166,7 +167,7 @@ def test_metrics_of_epochs_not_in_the_checkpoint_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"epoch": e, "loss": 1.0 / e}) for e in (1, 2, 3)]
     path.write_text("\n".join(lines) + "\n" + '{"epoch": 4, "lo')  # epoch 3 logged, not saved; 4 cut short
-    _drop_unsaved_metrics(path, 2)
+    drop_unsaved_metrics(path, 2)
     assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
-    _drop_unsaved_metrics(path, 0)
+    drop_unsaved_metrics(path, 0)
     assert path.read_text() == ""

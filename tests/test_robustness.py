@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+import twist.stage
 import twist.train
 from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from twist.cli import main
@@ -299,7 +300,7 @@ def test_full_disk_is_found_before_training(tiny_npz, tmp_path, capsys, monkeypa
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(twist.train.os, "fsync", full)
+    monkeypatch.setattr(twist.stage.os, "fsync", full)
     loaded = []
     monkeypatch.setattr(twist.train, "load_dataset", lambda *a, **k: loaded.append(1))
     rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(tmp_path / "r"), *sets(TINY)])
@@ -308,7 +309,7 @@ def test_full_disk_is_found_before_training(tiny_npz, tmp_path, capsys, monkeypa
 
 
 def test_checkpoint_write_failure_stops_with_the_previous_checkpoint_intact(tiny_npz, tmp_path, capsys, monkeypatch):
-    real_save, saved = twist.train.save_checkpoint, []
+    real_save, saved = twist.stage.save_checkpoint, []
 
     def save_then_fill_disk(payload, path):
         if saved:
@@ -316,7 +317,7 @@ def test_checkpoint_write_failure_stops_with_the_previous_checkpoint_intact(tiny
         real_save(payload, path)
         saved.append(Path(path).read_bytes())
 
-    monkeypatch.setattr(twist.train, "save_checkpoint", save_then_fill_disk)
+    monkeypatch.setattr(twist.stage, "save_checkpoint", save_then_fill_disk)
     out = tmp_path / "r"
     rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), "--epochs", "1", *sets(TINY),
                                "--set", "train.checkpoint_every_steps=1"])

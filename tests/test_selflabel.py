@@ -175,10 +175,10 @@ def test_a_crash_at_the_stage_checkpoint_neither_loses_nor_doubles_a_metrics_lin
                                                                                    crash):
     """The process dies while (before) or right after (after) writing the first self-labeling
     epoch's checkpoint; the resumed run's metrics.jsonl has every epoch exactly once."""
-    import twist.checkpoint
+    import twist.stage
     from twist.train import train
 
-    real_save = twist.checkpoint.save_checkpoint
+    real_save = twist.stage.save_checkpoint
 
     def dying_save(payload, path):
         if payload.get("stage") == "selflabel" and payload["selflabel"]["epoch"] == 1:
@@ -188,10 +188,10 @@ def test_a_crash_at_the_stage_checkpoint_neither_loses_nor_doubles_a_metrics_lin
         return real_save(payload, path)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(twist.checkpoint, "save_checkpoint", dying_save)
+    monkeypatch.setattr(twist.stage, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(), tiny_npz, run, progress=False)
-    monkeypatch.setattr(twist.checkpoint, "save_checkpoint", real_save)
+    monkeypatch.setattr(twist.stage, "save_checkpoint", real_save)
     train(_cfg(), tiny_npz, run, progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -201,6 +201,7 @@ def test_a_diverged_stage_stops_at_the_skip_cap_and_keeps_the_twist_checkpoint(t
     """Under train.nonfinite=skip the self-labeling stage stops after train.max_skipped_in_a_row
     non-finite steps in a row, as the TWIST stage does, and leaves the TWIST stage's checkpoint
     and metrics line as they were."""
+    import twist.selflabel
     import twist.train
     from twist.train import TrainingError, train
 
@@ -216,7 +217,8 @@ def test_a_diverged_stage_stops_at_the_skip_cap_and_keeps_the_twist_checkpoint(t
             views = [torch.full_like(v, float("nan")) for v in views]
         return real_step(model, criterion, optimizer, views, **kw)
 
-    monkeypatch.setattr(twist.train, "train_step", step)
+    monkeypatch.setattr(twist.train, "train_step", step)  # the TWIST stage's steps
+    monkeypatch.setattr(twist.selflabel, "train_step", step)  # the self-labeling stage's
     cfg = _cfg(**{"train.nonfinite": "skip", "train.max_skipped_in_a_row": 2})
     with pytest.raises(TrainingError, match=r"self-labeling epoch 1.*2 steps in a row.*max_skipped_in_a_row=2"):
         train(cfg, tiny_npz, run, progress=False)

@@ -35,28 +35,38 @@ or ``optim.weight_decay``), held constant. Gradient clipping and the non-finite 
 TWIST stage's. With an EMA teacher, the teacher keeps following the student with momentum
 ``ema.momentum_end`` (the value the TWIST stage ended on).
 
+The stage runs on the TWIST stage's engine (:class:`twist.stage.StageRunner`): this module
+supplies only its step and its log fields, so the non-finite policy (with the BatchNorm
+statistics of a skipped step restored), the one-line error on a checkpoint that cannot be
+written, the resume checks, ``train.compile``, TensorBoard (under ``selflabel/``) and the
+progress bar are the TWIST stage's.
+
 Checkpoints carry ``"stage": "selflabel"`` and ``"selflabel": {"epoch", "step_in_epoch",
-"global_step"}`` (steps counted within the stage); their ``"state"`` is the completed TWIST
-stage's, so :func:`twist.train.train` skips straight to this stage when it resumes, and this
-stage resumes where it stopped. Metrics go to ``OUT/metrics.jsonl`` with ``"stage":
+"global_step"}`` (steps counted within the stage), and mid-epoch the epoch's running sums
+(``"epoch_sums"``, so a resumed epoch logs the means of an uninterrupted one); their
+``"state"`` is the completed TWIST stage's, so :func:`twist.train.train` skips straight to
+this stage when it resumes, and this stage resumes where it stopped. Metrics go to ``OUT/metrics.jsonl`` with ``"stage":
 "selflabel"``; their ``epoch`` continues the TWIST count (801..850 for the 800 + 50 recipe).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from twist import distributed as tdist
+from twist.augment import MultiCropAugment
+from twist.ema import update_teacher
+from twist.optim import build_optimizer, cosine_schedule, set_step_values
+from twist.runtime import unwrap
+from twist.stage import Run, RunState, Stage, StageRunner, compiled, restore_rng, train_step
 
-__all__ = ["selflabel_loss", "SelfLabelLoss", "SelfLabelTerms", "selection_threshold", "run_selflabel", "STAGE"]
+__all__ = ["selflabel_loss", "SelfLabelLoss", "SelfLabelTerms", "selection_threshold", "run_selflabel", "SelfLabelStage",
+           "STAGE"]
 
 STAGE = "selflabel"
 """Value of ``checkpoint["stage"]`` and of ``"stage"`` in metrics records of this stage."""
@@ -173,7 +183,7 @@ class SelfLabelTerms:
 class SelfLabelLoss(nn.Module):
     """:func:`selflabel_loss` as a criterion with the TWIST loss's calling convention
     (``criterion(student_views, teacher=teacher_global_views)``), so that
-    :func:`twist.train.train_step` can run it. Set :attr:`quantile` before each step."""
+    :func:`twist.stage.train_step` can run it. Set :attr:`quantile` before each step."""
 
     def __init__(self, tau: float = 1.0, eps: float = 1e-5, quantile: float = 0.5):
         super().__init__()
@@ -185,207 +195,133 @@ class SelfLabelLoss(nn.Module):
 
 
 # ---------------------------------------------------------------------- the stage
-@dataclass
-class SelfLabelState:
-    epoch: int = 0            # self-labeling epochs completed
-    step_in_epoch: int = 0
-    global_step: int = 0      # optimiser steps within the stage
+class SelfLabelStage(Stage):
+    """The self-labeling stage: its augmentation, schedules, fresh optimiser, step and log fields."""
 
+    name = STAGE
+    epoch_label = "self-labeling epoch"
+    bar_label = "self-label"
+    summary_prefix = "self-label "
+    tensorboard_prefix = "selflabel/"
+    num_logged = len(SelfLabelTerms.LOGGED)
 
-def _loader(dataset, cfg, epoch: int, rank: int, world: int, start_batch: int):
-    """This stage's batches for one epoch, starting at batch ``start_batch`` (resume), and the
-    number of batches of the whole epoch."""
-    from twist.data import batch_loader
+    def __init__(self, run: Run, model: nn.Module, teacher: nn.Module | None, twist_state: dict[str, int]) -> None:
+        cfg, sl, info = run.cfg, run.cfg.selflabel, run.data_info
+        self.run, self.cfg, self.model, self.teacher, self.twist_state = run, cfg, model, teacher, twist_state
+        self.epochs = sl.epochs
+        self.loader_epoch_offset = cfg.train.epochs  # loader epochs continue the TWIST count: fresh shuffles
+        self.augment = MultiCropAugment(cfg.augment, info["channels"], info["mean"], info["std"],
+                                        global_scale=tuple(sl.global_scale), local_scale=tuple(sl.local_scale))
+        self.criterion = SelfLabelLoss(cfg.loss.tau, cfg.loss.eps, sl.quantile_start)
+        self.forward_model = compiled(model, cfg)
 
-    loader = batch_loader(dataset, cfg.train.batch_size, shuffle=True, drop_last=True, seed=cfg.train.seed,
-                          epoch=epoch, rank=rank, world_size=world, num_workers=cfg.train.num_workers,
-                          start_batch=start_batch)
-    return loader, len(loader)
+        # schedules (per optimiser step of this stage) and optimiser
+        steps_per_epoch = len(run.loader(self.loader_epoch_offset))
+        total_steps = steps_per_epoch * sl.epochs
+        self.global_batch = cfg.train.batch_size * run.world
+        self.peak_lr = sl.lr * self.global_batch / 256
+        self.lr_schedule = cosine_schedule(self.peak_lr, self.peak_lr * cfg.optim.min_lr_ratio, total_steps,
+                                           round(sl.warmup_epochs * steps_per_epoch))
+        self.quantile_schedule = cosine_schedule(sl.quantile_start, sl.quantile_end, total_steps)
+        self.weight_decay = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+        self.optimizer = build_optimizer(model, cfg.optim, self.peak_lr)
+        self.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
+        self.aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + run.rank + 7_000_003)
 
+    def step(self, images: torch.Tensor, it: int) -> tuple[SelfLabelTerms, bool, torch.Tensor | None]:
+        """One optimiser step of self-labeling: schedule values, harder crops, the shared
+        :func:`twist.stage.train_step` with :class:`SelfLabelLoss`, the EMA teacher."""
+        run = self.run
+        set_step_values(self.optimizer, float(self.lr_schedule[it]), self.weight_decay)
+        self.criterion.quantile = float(self.quantile_schedule[it])
+        images = images.to(run.device, non_blocking=True)
+        views = [v.contiguous(memory_format=run.memory_format) for v in self.augment(images, self.aug_gen)]
+        terms, finite = train_step(self.forward_model, self.criterion, self.optimizer, views, device=run.device,
+                                   precision=run.precision, scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad,
+                                   teacher=self.teacher)
+        if not finite:
+            return terms, False, None
+        if self.teacher is not None:
+            update_teacher(self.teacher, unwrap(self.model), self.cfg.ema.momentum_end)
+        return terms, True, terms.vector()
 
-def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val, out: str | Path,
-                  device: torch.device, precision: str, mean: Sequence[float], std: Sequence[float], *,
-                  progress: bool = True, max_steps: int | None = None) -> dict[str, Any] | None:
-    """Run ``cfg.selflabel.epochs`` epochs of self-labeling on ``model`` (see the module docstring).
+    def postfix(self, terms: SelfLabelTerms, it: int) -> dict[str, str]:
+        return {"loss": f"{terms.loss.item():.4f}", "sel": f"{terms.selected.item():.2f}"}
 
-    Called by :func:`twist.train.train` once the TWIST epochs are done, with its (possibly
-    DDP-wrapped) model, the EMA teacher or None, the training data, the validation data, the
-    run folder, the device / precision and the normalisation of the TWIST stage. Resumes from
-    ``OUT/checkpoint.pt`` when that holds a self-labeling checkpoint. ``max_steps`` stops the
-    stage after that many of its optimiser steps (tests).
+    def epoch_fields(self, epoch: int, means: torch.Tensor, state: RunState) -> dict[str, Any]:
+        record: dict[str, Any] = {"stage": STAGE, "epoch": self.cfg.train.epochs + epoch + 1,
+                                  "selflabel_epoch": epoch + 1,
+                                  "step": self.twist_state.get("global_step", 0) + state.global_step}
+        record.update({k: v for k, v in zip(SelfLabelTerms.LOGGED, means.tolist())})
+        record.update({"quantile": float(self.quantile_schedule[state.global_step - 1]),
+                       "lr": float(self.lr_schedule[state.global_step - 1]), "weight_decay": self.weight_decay})
+        return record
 
-    Returns the last epoch's metrics record, or None when the stage has no epochs.
-    """
-    from twist.augment import EvalTransform, MultiCropAugment
-    from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-    from twist.ema import update_teacher
-    from twist.inference import evaluate_model
-    from twist.optim import build_optimizer, cosine_schedule, set_step_values
-    from twist.train import (TrainingError, _progress, _rng_state, _set_rng_state, _summary, append_jsonl,
-                             stop_if_diverged, train_step, unwrap)
+    def load(self, ckpt: dict[str, Any]) -> None:
+        """Weights, teacher, optimiser and scaler from a self-labeling checkpoint."""
+        unwrap(self.model).load_state_dict(ckpt["model"])
+        if self.teacher is not None and ckpt.get("teacher"):
+            self.teacher.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
 
-    sl = cfg.selflabel
-    if sl.epochs <= 0 or (max_steps is not None and max_steps <= 0):
-        return None
-    out = Path(out)
-    rank, world = tdist.rank(), tdist.world_size()
-    main = rank == 0
-    ckpt_path = out / CHECKPOINT_NAME
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
-    augment = MultiCropAugment(cfg.augment, dataset.channels, mean, std, global_scale=tuple(sl.global_scale),
-                               local_scale=tuple(sl.local_scale))
-    eval_transform = EvalTransform(cfg.augment.global_size, dataset.channels, mean, std)
-    criterion = SelfLabelLoss(cfg.loss.tau, cfg.loss.eps, sl.quantile_start)
-
-    # ---- schedules (per optimiser step of this stage) and optimiser
-    first_epoch = cfg.train.epochs  # loader epochs continue the TWIST count: fresh shuffles
-    _, steps_per_epoch = _loader(dataset, cfg, first_epoch, rank, world, 0)
-    total_steps = steps_per_epoch * sl.epochs
-    global_batch = cfg.train.batch_size * world
-    peak_lr = sl.lr * global_batch / 256
-    lr_schedule = cosine_schedule(peak_lr, peak_lr * cfg.optim.min_lr_ratio, total_steps,
-                                  round(sl.warmup_epochs * steps_per_epoch))
-    quantile_schedule = cosine_schedule(sl.quantile_start, sl.quantile_end, total_steps)
-    weight_decay = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
-    optimizer = build_optimizer(model, cfg.optim, peak_lr)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7_000_003)
-
-    # ---- resume
-    state = SelfLabelState()
-    twist_state = {"epoch": cfg.train.epochs, "step_in_epoch": 0, "global_step": 0}
-    data_info: dict[str, Any] = {}
-    # rank 0 reads, every rank gets the same dict (as train.py's resume)
-    ckpt = load_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
-    if ckpt is not None and ckpt.get("stage") != STAGE:
-        ckpt = {"state": ckpt.get("state"), "data": ckpt.get("data")}  # the finished TWIST stage: counters only
-    if world > 1:
-        ckpt = tdist.broadcast_object(ckpt)
-    if ckpt is not None:
-        twist_state = dict(ckpt.get("state") or twist_state)
-        data_info = ckpt.get("data") or {}
-        if ckpt.get("stage") == STAGE:
-            unwrap(model).load_state_dict(ckpt["model"])
-            if teacher is not None and ckpt.get("teacher"):
-                teacher.load_state_dict(ckpt["teacher"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            state = SelfLabelState(**ckpt[STAGE])
-            rng = ckpt.get("rng_per_rank", {}).get(str(rank))
-            if rng is not None:
-                _set_rng_state(rng, aug_gen)
-            if main:
-                print(f"twist: resuming self-labeling in {out} from epoch {state.epoch}, step {state.global_step}",
-                      file=sys.stderr)
-        del ckpt
-    twist_state.update(epoch=cfg.train.epochs, step_in_epoch=0)
-    if state.epoch >= sl.epochs:
-        return None
-
-    def checkpoint() -> None:
-        rng = {str(rank): _rng_state(aug_gen)}
-        if world > 1:
-            rng = tdist.gather_objects(rng)
-        if not main:
-            return
-        save_checkpoint({
+    def checkpoint_payload(self, state: RunState, rng: dict[str, Any], epoch_sums: dict[str, Any] | None) -> dict:
+        return {
             "format": "twist/1",
             "stage": STAGE,
             STAGE: vars(state).copy(),
-            "model": unwrap(model).state_dict(),
-            "teacher": teacher.state_dict() if teacher is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "state": dict(twist_state),
+            "model": unwrap(self.model).state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "state": dict(self.twist_state),
             "rng_per_rank": rng,
-            "config": cfg.to_dict(),
-            "data": data_info or {"channels": dataset.channels, "mean": list(mean), "std": list(std),
-                                  "image_size": cfg.train.image_size or cfg.augment.global_size,
-                                  "class_names": dataset.class_names},
-        }, ckpt_path)
+            "config": self.cfg.to_dict(),
+            "data": self.run.data_info,
+            "epoch_sums": epoch_sums,
+        }
 
-    if main:
-        print(f"twist: self-labeling for {sl.epochs} epochs x {steps_per_epoch} steps, lr {peak_lr:.4g}, "
+
+def run_selflabel(run: Run, model: nn.Module, teacher: nn.Module | None, twist_state: dict[str, int], *,
+                  resume_from: dict[str, Any] | None = None, max_steps: int | None = None) -> dict[str, Any] | None:
+    """Run ``cfg.selflabel.epochs`` epochs of self-labeling on ``model`` (see the module docstring).
+
+    Called by :func:`twist.train.train` once the TWIST epochs are done, with its run (config,
+    data, run folder, device), its (possibly DDP-wrapped) model, the EMA teacher or None and the
+    completed TWIST stage's counters. ``resume_from`` is the run folder's self-labeling
+    checkpoint (already read and checked by train), from which the stage continues.
+    ``max_steps`` stops the stage after that many of its optimiser steps (tests).
+
+    Returns the last epoch's metrics record, or None when the stage has no epochs.
+    """
+    cfg, sl = run.cfg, run.cfg.selflabel
+    if sl.epochs <= 0 or (max_steps is not None and max_steps <= 0):
+        return None
+    twist_state = {**twist_state, "epoch": cfg.train.epochs, "step_in_epoch": 0}
+    stage = SelfLabelStage(run, model, teacher, twist_state)
+    state, epoch_sums = RunState(), None
+    if resume_from is not None:
+        stage.load(resume_from)
+        state = RunState(**resume_from[STAGE])
+        restore_rng(resume_from, run.rank, stage.aug_gen)
+        if state.step_in_epoch:  # older checkpoints have no sums: the epoch's means then start afresh
+            epoch_sums = resume_from.get("epoch_sums")
+        if run.main:
+            print(f"twist: resuming self-labeling in {run.out} from epoch {state.epoch}, step {state.global_step}",
+                  file=sys.stderr)
+    if state.epoch >= sl.epochs:
+        return None
+    runner = StageRunner(run, stage, state, epoch_sums=epoch_sums, max_steps=max_steps)
+    if run.main:
+        print(f"twist: self-labeling for {sl.epochs} epochs x {runner.steps_per_epoch} steps, lr {stage.peak_lr:.4g}, "
               f"crops global {tuple(sl.global_scale)} local {tuple(sl.local_scale)}, "
               f"quantile {sl.quantile_start} -> {sl.quantile_end}", file=sys.stderr)
-    metrics_path = out / "metrics.jsonl"
     last: dict[str, Any] = {}
-    stop = False
-    skipped_in_a_row = 0
     for epoch in range(state.epoch, sl.epochs):
-        model.train()
-        loader, _ = _loader(dataset, cfg, first_epoch + epoch, rank, world, state.step_in_epoch)
-        sums = torch.zeros(len(SelfLabelTerms.LOGGED), dtype=torch.float64)
-        count, skipped_steps = 0, 0
-        t0 = time.perf_counter()
-        bar = _progress(loader, f"self-label {epoch + 1}/{sl.epochs}", progress and main,
-                        initial=state.step_in_epoch, total=steps_per_epoch)
-        for images, _ in bar:
-            it = state.global_step
-            set_step_values(optimizer, float(lr_schedule[it]), weight_decay)
-            criterion.quantile = float(quantile_schedule[it])
-            images = images.to(device, non_blocking=True)
-            views = [v.contiguous(memory_format=memory_format) for v in augment(images, aug_gen)]
-            terms, finite = train_step(model, criterion, optimizer, views, device=device, precision=precision,
-                                       scaler=scaler, clip_grad=cfg.optim.clip_grad, teacher=teacher)
-            if not finite:
-                msg = (f"non-finite loss or gradient in self-labeling epoch {epoch + 1}, step {it} "
-                       f"(loss={terms.loss.item():.4g})")
-                if cfg.train.nonfinite == "stop":
-                    raise TrainingError(msg + "; stopping, the last checkpoint is intact "
-                                              "(set train.nonfinite=skip to skip such steps)")
-                skipped_steps += 1
-                skipped_in_a_row += 1
-                stop_if_diverged(skipped_in_a_row, cfg, msg, "the last checkpoint is intact")
-                if main:
-                    print(f"twist: {msg}; step skipped", file=sys.stderr)
-            else:
-                skipped_in_a_row = 0
-                if teacher is not None:
-                    update_teacher(teacher, unwrap(model), cfg.ema.momentum_end)
-                sums += terms.vector()
-                count += 1
-            state.global_step += 1
-            state.step_in_epoch += 1
-            if main and progress and state.global_step % cfg.train.log_every == 0:
-                bar.set_postfix(loss=f"{terms.loss.item():.4f}", sel=f"{terms.selected.item():.2f}")
-            if cfg.train.checkpoint_every_steps and state.global_step % cfg.train.checkpoint_every_steps == 0 \
-                    and state.step_in_epoch < steps_per_epoch:
-                checkpoint()
-            if max_steps is not None and state.global_step >= max_steps:
-                stop = True
-                break
-        if stop and state.step_in_epoch < steps_per_epoch:
-            checkpoint()
-            break
-
-        # ---- end of epoch: log, evaluate, checkpoint
-        elapsed = time.perf_counter() - t0
-        means = tdist.all_reduce_mean_nograd(sums / max(count, 1))
-        record: dict[str, Any] = {"stage": STAGE, "epoch": cfg.train.epochs + epoch + 1,
-                                  "selflabel_epoch": epoch + 1, "step": twist_state.get("global_step", 0) + state.global_step}
-        record.update({k: v for k, v in zip(SelfLabelTerms.LOGGED, means.tolist())})
-        record.update({"quantile": float(quantile_schedule[state.global_step - 1]),
-                       "lr": float(lr_schedule[state.global_step - 1]), "weight_decay": weight_decay,
-                       "images_per_sec": count * global_batch / max(elapsed, 1e-9), "epoch_seconds": elapsed,
-                       "skipped_steps": skipped_steps})
-        last_epoch = epoch + 1 == sl.epochs
-        if val is not None and val.labels is not None and cfg.train.eval_every and \
-                ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
-            record.update(evaluate_model(unwrap(model), val, eval_transform, device=device, precision=precision,
-                                         batch_size=cfg.train.eval_batch_size,
-                                         memory=dataset if val is not dataset else None,
-                                         channels_last=cfg.train.channels_last))
-        state.epoch = epoch + 1
-        state.step_in_epoch = 0
-        if main:  # logged before the checkpoint, as in twist.train: a crash in between re-runs the epoch
-            append_jsonl(metrics_path, record)  # and resume drops this line, so it is never lost nor doubled
-        checkpoint()
-        if main:
-            print("twist: self-label " + _summary(record), file=sys.stderr)
-        last = record
-        if stop:
+        record = runner.train_one_epoch(epoch)
+        if record is not None:
+            last = record
+        if runner.stopped:
             break
     return last or None
