@@ -230,7 +230,6 @@ def test_confusion_matrix_fewer_clusters():
     np.testing.assert_array_equal(cm, [[2, 0], [1, 1], [0, 2]])
 
 
-@pytest.mark.filterwarnings("ignore:matplotlib is not installed")
 def test_save_confusion_csv(tmp_path):
     cm, ids = confusion_matrix([0, 0, 1, 2], [2, 2, 0, 1], return_clusters=True)
     paths = save_confusion(tmp_path / "sub" / "cm", cm, class_names=["a", "b", "c"], cluster_ids=ids)
@@ -244,18 +243,27 @@ def test_save_confusion_csv(tmp_path):
         save_confusion(tmp_path / "x", cm, class_names=["a"])
 
 
-def test_save_confusion_without_matplotlib_skips_png(tmp_path, monkeypatch):
+def test_save_confusion_png_needs_no_matplotlib(tmp_path, monkeypatch):
+    """The one confusion-matrix drawing is Pillow's: it is written with or without matplotlib."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.warns(UserWarning, match="matplotlib"):
-        paths = save_confusion(str(tmp_path / "cm"), np.eye(3, dtype=int))
-    assert paths == [str(tmp_path / "cm.csv")]
+    paths = save_confusion(str(tmp_path / "cm"), np.eye(3, dtype=int))
+    assert paths == [str(tmp_path / "cm.csv"), str(tmp_path / "cm.png")]
 
 
-def test_save_confusion_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    paths = save_confusion(tmp_path / "cm", np.eye(3, dtype=int))
-    assert paths[1].endswith(".png") and (tmp_path / "cm.png").stat().st_size > 0
+def test_confusion_png_colours_the_row_fractions(tmp_path):
+    from PIL import Image
+
+    from twist.evaluate import confusion_png
+
+    cm = np.array([[4, 0], [1, 3]])
+    path = confusion_png(tmp_path / "cm.png", cm, cell=10)  # no labels: the bare grid, 10 px a cell
+    with Image.open(path) as im:
+        assert im.size == (20, 20)
+        px = np.asarray(im.convert("RGB"))
+    assert tuple(px[5, 5]) == (253, 231, 37)  # fraction 1: yellow
+    assert tuple(px[5, 15]) == (68, 1, 84)  # fraction 0: dark blue
+    assert px[15, 5].sum() < px[15, 15].sum()  # 0.25 darker than 0.75
 
 
 # ----------------------------------------------------------------------------- kNN

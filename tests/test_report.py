@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from twist.cli import main
-from twist.report import read_metrics, report, svg_bar_chart, svg_heatmap, svg_line_chart
+from twist.report import read_metrics, report, svg_bar_chart, svg_line_chart
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -66,7 +66,8 @@ def test_report_page_content(built, trained_digits_run):
     assert res["num_images"] == 1797 and sum(res["cluster_sizes"]) == 1797
     assert res["clusters_shown"] == res["clusters_used"] >= 1
     assert page.count('<section class="cluster"') == res["clusters_shown"]
-    assert page.count("<img ") == res["images_shown"]
+    assert page.count("<figure><img ") == res["images_shown"]
+    assert page.count('<img class="confusion"') == 1  # labelled data: the one confusion-matrix picture
     assert res["images_shown"] == sum(min(12, s) for s in res["cluster_sizes"] if s > 0)
     assert "majority label" in page and 'id="confusion"' in page and "<svg" in page
     assert (out / "confusion.csv").is_file() and (out / "confusion.png").is_file()
@@ -90,7 +91,7 @@ def test_report_in_headless_chromium(built, tmp_path):
     dom = _browser(exe, page, tmp_path, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body[^>]*>", dom.stdout).group(0)
-    n = res["images_shown"]
+    n = res["images_shown"] + 1  # the gallery's thumbnails and the confusion-matrix picture
     assert 'data-images-status="ok"' in body, body
     assert f'data-images-loaded="{n}"' in body and f'data-images-total="{n}"' in body
     assert f'data-clusters-shown="{res["clusters_shown"]}"' in body
@@ -134,7 +135,6 @@ def test_svg_charts_are_well_formed():
         svg_line_chart([], "empty"),
         svg_bar_chart([3, 0, 5], ["x", "y", "z"], "sizes"),
         svg_bar_chart(list(range(200)), None, "many"),
-        svg_heatmap(np.array([[3, 1], [0, 4]]), ["cat", "dog"], ["1", "0"], "cm"),
     ]
     for svg in charts:
         ET.fromstring(svg)  # parses as XML

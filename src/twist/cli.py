@@ -42,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``twist`` argument parser: one sub-command per job, each spelled out by its own function below."""
     parser = _Parser(
         prog="twist",
         description="TWIST self-supervised learning: train a network whose softmax over C classes is consistent "
@@ -50,7 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_train_command(sub)
+    _add_eval_command(sub)
+    _add_predict_command(sub)
+    _add_report_command(sub)
+    _add_import_command(sub)
+    _add_export_command(sub)
+    return parser
 
+
+def _add_train_command(sub) -> None:
+    """The ``twist train`` command line."""
     p = sub.add_parser("train", help="train a TWIST model (resumes when --out holds a checkpoint)",
                        description="Train TWIST. Every configuration field can be set with --set group.field=value; "
                                    "`twist train --list-keys` shows them all.")
@@ -73,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes, else 1)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_command(sub) -> None:
+    """The ``twist eval`` command line."""
     p = sub.add_parser("eval", help="evaluation protocols: cluster metrics, kNN, linear probe, semi-supervised",
                        description="Evaluate a checkpoint on a train / test split (docs/evaluation.md). Protocols: "
                                    "cluster (ACC/NMI/AMI/ARI, mapped top-5, confusion matrix), knn (cosine, k=20 and "
@@ -119,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_predict_command(sub) -> None:
+    """The ``twist predict`` command line."""
     p = sub.add_parser("predict", help="cluster id, confidence and top-3 per image (CSV), optional embeddings",
                        description="Predict clusters for every image of IMAGES (streamed in batches, any size): one "
                                    "CSV row per image (index, path, cluster, confidence, top-3 clusters with "
@@ -138,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_report_command(sub) -> None:
+    """The ``twist report`` command line."""
     p = sub.add_parser("report", help="self-contained HTML report: curves, cluster gallery, sizes, confusion",
                        description="Write OUT/index.html: training curves from RUN/metrics.jsonl, cluster sizes, the "
                                    "confusion matrix (labelled data) and a gallery of each cluster's most confident "
@@ -158,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
     p.set_defaults(func=cmd_report)
 
+
+def _add_import_command(sub) -> None:
+    """The ``twist import`` command line."""
     p = sub.add_parser("import", help="import a checkpoint of the authors' release as a twist run folder",
                        description="Convert a release checkpoint (full training file or backbone-only state dict; "
                                    "ResNet-50, ResNet-50w2, ViT-S/B) into a twist checkpoint that eval, predict, "
@@ -176,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load with full unpickling (can execute code from the file; trusted files only)")
     p.set_defaults(func=cmd_import)
 
+
+def _add_export_command(sub) -> None:
+    """The ``twist export`` command line."""
     p = sub.add_parser("export", help="export the backbone (and head) for torchvision, timm, safetensors or detectron2",
                        description="Write a checkpoint's backbone in another library's format: torchvision / timm "
                                    "(strict load into the library's model without classifier), safetensors (+ metadata), "
@@ -188,7 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
     p.set_defaults(func=cmd_export)
-    return parser
 
 
 # ---------------------------------------------------------------------- train

@@ -32,7 +32,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,8 @@ from sklearn.metrics import (
     normalized_mutual_info_score,
 )
 
+from twist.io import atomic_open
+
 __all__ = [
     "hungarian_match",
     "contingency",
@@ -52,6 +54,7 @@ __all__ = [
     "mapped_topk",
     "confusion_matrix",
     "save_confusion",
+    "confusion_png",
     "knn_predict",
     "knn_top1",
     "linear_probe",
@@ -296,13 +299,13 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int | None = None,
 
 def save_confusion(path_prefix: str | os.PathLike, cm: Any, class_names: list[str] | None = None,
                    cluster_ids: Any = None) -> list[str]:
-    """Write a confusion matrix to ``<path_prefix>.csv`` and, if matplotlib is installed,
-    ``<path_prefix>.png``.
+    """Write a confusion matrix to ``<path_prefix>.csv`` and ``<path_prefix>.png``.
 
     The CSV has a header ``class, cluster_<id>, ...`` and one row per class (its name, or its
     index, then the counts). ``cluster_ids`` (from ``confusion_matrix(...,
-    return_clusters=True)``) labels the columns; default ``0 .. C-1``. Without matplotlib the
-    PNG is skipped with a warning. Parent folders are created. Returns the written paths.
+    return_clusters=True)``) labels the columns; default ``0 .. C-1``. The PNG is
+    :func:`confusion_png`'s. Parent folders are created; both files are written atomically.
+    Returns the written paths.
     """
     m = _to_numpy(cm)
     if m.ndim != 2:
@@ -315,42 +318,60 @@ def save_confusion(path_prefix: str | os.PathLike, cm: Any, class_names: list[st
     if len(ids) != c:
         raise ValueError(f"cluster_ids has {len(ids)} entries but cm has {c} columns")
     prefix = os.fspath(path_prefix)
-    parent = os.path.dirname(prefix)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-
-    written = []
     csv_path = prefix + ".csv"
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class"] + [f"cluster_{j}" for j in ids])
         for name, row in zip(names, m.tolist()):
             w.writerow([name] + row)
-    written.append(csv_path)
+    png_path = confusion_png(prefix + ".png", m, names, [str(j) for j in ids])
+    return [csv_path, str(png_path)]
 
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn(f"matplotlib is not installed: wrote {csv_path}, skipped the PNG",
-                      stacklevel=2)
-        return written
-    png_path = prefix + ".png"
-    mf = m.astype(np.float64)
-    shown = mf / np.maximum(mf.sum(axis=1, keepdims=True), 1)  # each row as fractions
-    fig = Figure(figsize=(min(4 + 0.25 * c, 40), min(3 + 0.25 * k, 40)))
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, label="fraction of the class")
-    ax.set_xlabel("cluster (matched order)")
-    ax.set_ylabel("class")
-    if k <= 50:
-        ax.set_yticks(range(k), names, fontsize=7)
-    if c <= 50:
-        ax.set_xticks(range(c), [str(j) for j in ids], fontsize=7, rotation=90)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    written.append(png_path)
-    return written
+
+_VIRIDIS_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def confusion_png(path: str | os.PathLike, cm: Any, row_labels: list[str] | None = None,
+                  col_labels: list[str] | None = None, cell: int = 0) -> Path:
+    """The one drawing of a confusion matrix: a PNG heat map, colour = fraction of the row (the
+    class), viridis-like from dark blue (0) to yellow (1), with the row and column labels when
+    the cells are large enough to carry them. Drawn with Pillow, so every caller (``twist eval``,
+    ``twist report``, :func:`save_confusion`) gets the same picture without an optional plotting
+    dependency. Written atomically; parent folders are created.
+
+    Example::
+
+        >>> import tempfile, os
+        >>> confusion_png(os.path.join(tempfile.mkdtemp(), "cm.png"), np.eye(3, dtype=int) * 5).suffix
+        '.png'
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    m = np.asarray(_to_numpy(cm), dtype=np.float64)
+    k, c = m.shape
+    frac = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    cell = cell or max(2, min(24, 800 // max(k, c, 1)))
+    pos = frac * (len(_VIRIDIS_STOPS) - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, len(_VIRIDIS_STOPS) - 2)
+    t = (pos - lo)[..., None]
+    rgb = (_VIRIDIS_STOPS[lo] * (1 - t) + _VIRIDIS_STOPS[lo + 1] * t).round().astype(np.uint8)
+    grid = Image.fromarray(rgb, "RGB").resize((c * cell, k * cell), Image.Resampling.NEAREST)
+    labelled = cell >= 12 and (row_labels is not None or col_labels is not None)
+    if labelled:
+        rows = [str(x)[:14] for x in (row_labels or range(k))]
+        cols = [str(x)[:3] for x in (col_labels or range(c))]
+        left, top = 6 * max(len(r) for r in rows) + 6, 14
+        img = Image.new("RGB", (left + grid.width + 2, top + grid.height + 2), "white")
+        img.paste(grid, (left, top))
+        draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+        for i, label in enumerate(rows):
+            draw.text((2, top + i * cell + cell // 2 - 5), label, fill=(40, 40, 40), font=font)
+        for j, label in enumerate(cols):
+            draw.text((left + j * cell + 1, 1), label, fill=(40, 40, 40), font=font)
+        grid = img
+    with atomic_open(path, "wb") as f:
+        grid.save(f, format="PNG")
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- kNN

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -319,35 +318,6 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, i
 
 
 # ====================================================================== cluster
-def save_confusion_png(path: str | os.PathLike, cm: np.ndarray, cell: int = 0) -> Path:
-    """A row-normalised confusion matrix as a PNG heat map drawn with PIL (no matplotlib needed).
-
-    Example::
-
-        >>> import tempfile, os
-        >>> p = save_confusion_png(os.path.join(tempfile.mkdtemp(), "cm.png"), np.eye(3, dtype=int) * 5)
-        >>> p.suffix
-        '.png'
-    """
-    from PIL import Image
-
-    m = np.asarray(cm, dtype=np.float64)
-    k, c = m.shape
-    frac = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    cell = cell or max(2, min(24, 800 // max(k, c, 1)))
-    # viridis-like ramp: dark blue -> green -> yellow
-    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-    pos = frac * (len(stops) - 1)
-    lo = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
-    t = (pos - lo)[..., None]
-    rgb = (stops[lo] * (1 - t) + stops[lo + 1] * t).round().astype(np.uint8)
-    img = Image.fromarray(rgb, "RGB").resize((c * cell, k * cell), Image.Resampling.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
 def cluster_protocol(trained, test_ds: ImageDataset, *, out_dir: str | os.PathLike | None = None,
                      options: EvalOptions | None = None, probs: torch.Tensor | None = None,
                      progress: bool = False) -> dict[str, Any]:
@@ -380,14 +350,7 @@ def cluster_protocol(trained, test_ds: ImageDataset, *, out_dir: str | os.PathLi
         num_classes = max(int(y.max()) + 1, len(test_ds.class_names or ()))
         cm, ids = confusion_matrix(y, pred, num_classes=num_classes, num_clusters=p.shape[1], return_clusters=True)
         names = test_ds.class_names if test_ds.class_names and len(test_ds.class_names) == num_classes else None
-        prefix = Path(out_dir) / "confusion"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no matplotlib: we draw the PNG ourselves below
-            written = save_confusion(prefix, cm, names, ids)
-        png = str(prefix) + ".png"
-        if png not in written:
-            written.append(str(save_confusion_png(png, cm)))
-        out["confusion_files"] = written
+        out["confusion_files"] = save_confusion(Path(out_dir) / "confusion", cm, names, ids)
     return out
 
 

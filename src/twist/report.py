@@ -37,7 +37,7 @@ import numpy as np
 from twist.data import DataError, ImageDataset, display_path
 from twist.io import write_text_atomic
 
-__all__ = ["report", "read_metrics", "svg_line_chart", "svg_bar_chart", "svg_heatmap"]
+__all__ = ["report", "read_metrics", "svg_line_chart", "svg_bar_chart"]
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
@@ -203,44 +203,6 @@ def svg_bar_chart(values: Sequence[float], labels: Sequence[str] | None = None, 
     return "".join(out)
 
 
-def svg_heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "", *,
-                cell: int = 26) -> str:
-    """An inline ``<svg>`` heat map of a count matrix (colour = fraction of the row, text = count).
-
-    Example::
-
-        >>> "<svg" in svg_heatmap(np.eye(2, dtype=int), ["a", "b"], ["0", "1"])
-        True
-    """
-    m = np.asarray(matrix, dtype=np.float64)
-    k, c = m.shape
-    frac = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    ml, mt = 90, 24
-    width, height = ml + c * cell + 10, mt + k * cell + 10
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">']
-    for j, lab in enumerate(col_labels):
-        out.append(f'<text x="{ml + j * cell + cell / 2:.1f}" y="{mt - 6}" text-anchor="middle" class="tick">'
-                   f'{html.escape(str(lab))}</text>')
-    for i, lab in enumerate(row_labels):
-        y = mt + i * cell
-        out.append(f'<text x="{ml - 6}" y="{y + cell / 2 + 4:.1f}" text-anchor="end" class="tick">'
-                   f'{html.escape(str(lab)[:14])}</text>')
-        for j in range(c):
-            f = frac[i, j]
-            shade = int(round(255 - 200 * f))
-            fill = f"rgb({shade},{shade},255)" if f > 0 else "#fafafa"
-            out.append(f'<rect x="{ml + j * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" fill="{fill}">'
-                       f'<title>class {html.escape(str(lab))}, cluster {html.escape(str(col_labels[j]))}: '
-                       f'{int(m[i, j])}</title></rect>')
-            if m[i, j] > 0 and cell >= 18:
-                tc = "#fff" if f > 0.6 else "#222"
-                out.append(f'<text x="{ml + j * cell + (cell - 1) / 2:.1f}" y="{y + cell / 2 + 3:.1f}" '
-                           f'text-anchor="middle" class="cnum" fill="{tc}">{int(m[i, j])}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
 # ====================================================================== thumbnails
 def _thumb_png(img: np.ndarray, target: int = 64, max_side: int = 96) -> bytes:
     """uint8 (C, H, W) -> PNG bytes: tiny images upscaled by an integer factor (nearest), large
@@ -273,7 +235,7 @@ h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 table.kv{border-collapse:collapse}table.kv td,table.kv th{border:1px solid #ddd;padding:3px 10px;text-align:left}
 table.kv th{background:#f4f6f8}.charts{display:flex;flex-wrap:wrap;gap:12px}
 .chart{background:#fff;border:1px solid #e3e3e3}.ctitle{font-weight:600;font-size:13px}
-.tick{font-size:10px;fill:#555}.legend{font-size:11px;fill:#333}.cnum{font-size:9px}
+.tick{font-size:10px;fill:#555}.legend{font-size:11px;fill:#333}
 .legendbg{fill:#fff;fill-opacity:.85;stroke:#ddd}.grid{stroke:#eee}.axis{stroke:#999}.plotbg{fill:#fcfcfc;stroke:#ccc}.muted{fill:#888;color:#888}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}
 section.cluster{border:1px solid #ddd;border-radius:6px;padding:8px 10px;width:min(100%,440px);box-sizing:border-box}
@@ -367,20 +329,10 @@ def report(run: str | os.PathLike, data: str | ImageDataset | None = None, out: 
         >>> report("runs/digits", out="runs/digits/report")["html"]      # doctest: +SKIP
         'runs/digits/report/index.html'
     """
-    from twist.evaluate import cluster_metrics, confusion_matrix, save_confusion
-    from twist.predict import load_for_prediction, stream_outputs
-    from twist.serving import load_trained
+    from twist.predict import stream_outputs
 
-    run_dir, ckpt_path = _resolve_run(run)
-    if trained is None:
-        trained = load_trained(ckpt_path, device=device, trust_pickle=trust_pickle)
-    info = trained.checkpoint.get("data", {}) or {}
-    if data is None:
-        data = info.get("source")
-        if not data:
-            raise DataError(f"{ckpt_path} does not record its training data; give DATA explicitly")
-    ds = data if isinstance(data, ImageDataset) else load_for_prediction(str(data), trained, split=split,
-                                                                         progress=progress)
+    run_dir, ckpt_path, trained, ds = _open_run_and_data(run, data, trained, device=device, trust_pickle=trust_pickle,
+                                                         split=split, progress=progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -396,116 +348,20 @@ def report(run: str | os.PathLike, data: str | ImageDataset | None = None, out: 
     labels = np.asarray(ds.labels, dtype=np.int64) if ds.labels is not None else None
     class_names = ds.class_names or trained.class_names
 
-    def class_name(c: int) -> str:
-        return str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c)
-
-    # ---- which clusters and images to show
+    # which clusters and images to show: the largest clusters, each with its most confident images
     order = [int(c) for c in np.argsort(-sizes, kind="stable") if sizes[c] > 0]
     shown = order[:max_clusters]
-    chosen: dict[int, np.ndarray] = {}
-    for c in shown:
-        members = np.flatnonzero(pred == c)
-        top = members[np.argsort(-conf[members], kind="stable")[:per_cluster]]
-        chosen[c] = top
+    chosen = {c: np.flatnonzero(pred == c)[np.argsort(-conf[pred == c], kind="stable")[:per_cluster]] for c in shown}
     all_idx = np.concatenate([chosen[c] for c in shown]) if shown else np.zeros(0, np.int64)
-    thumbs: dict[int, str] = {}
-    if embed_images is False:
-        (out / "thumbs").mkdir(exist_ok=True)
-    for s in range(0, len(all_idx), 256):
-        part = all_idx[s:s + 256]
-        imgs = ds.get_batch(part).numpy()
-        for i, img in zip(part.tolist(), imgs):
-            png = _thumb_png(img)
-            if embed_images:
-                thumbs[i] = _data_uri(png)
-            else:
-                name = f"thumbs/img_{i}.png"
-                (out / name).write_bytes(png)
-                thumbs[i] = name
-
-    # ---- metrics and confusion
-    metrics: dict[str, Any] | None = None
-    confusion_html = '<p class="muted">The data has no labels: no confusion matrix.</p>'
-    if labels is not None:
-        metrics = cluster_metrics(labels, pred, num_clusters=num_clusters)
-        k = max(int(labels.max()) + 1, len(class_names or ()))
-        cm, ids = confusion_matrix(labels, pred, num_classes=k, num_clusters=num_clusters, return_clusters=True)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            written = save_confusion(out / "confusion", cm, [class_name(i) for i in range(k)], ids)
-        if str(out / "confusion.png") not in written:
-            from twist.protocols import save_confusion_png
-
-            save_confusion_png(out / "confusion.png", cm)
-        used_cols = [j for j in range(cm.shape[1]) if cm[:, j].sum() > 0 or j < k]
-        if k <= 40 and len(used_cols) <= 60:
-            confusion_html = ("<p>Classes (rows) x clusters (columns, in Hungarian-matched order: the diagonal holds "
-                              "each class's matched cluster). Colour: fraction of the class; number: count.</p>"
-                              + svg_heatmap(cm[:, used_cols], [class_name(i) for i in range(k)],
-                                            [str(int(ids[j])) for j in used_cols], "confusion matrix"))
-        else:
-            confusion_html = (f'<img src="confusion.png" alt="confusion matrix" '
-                              f'style="max-width:100%;image-rendering:pixelated">'
-                              if not embed_images else
-                              f'<img src="{_data_uri((out / "confusion.png").read_bytes())}" alt="confusion matrix" '
-                              f'style="max-width:100%;image-rendering:pixelated">')
-        confusion_html += ('<p>Files: <a href="confusion.csv">confusion.csv</a>'
-                           + (', <a href="confusion.png">confusion.png</a>' if (out / "confusion.png").exists() else "")
-                           + "</p>")
-
-    # ---- gallery
-    sections = []
-    for c in shown:
-        meta = [f"{int(sizes[c])} images ({sizes[c] / n:.1%})"]
-        if labels is not None:
-            lab = labels[pred == c]
-            counts = np.bincount(lab)
-            maj = int(counts.argmax())
-            meta.append(f"majority label: <b>{html.escape(class_name(maj))}</b> "
-                        f"({counts[maj] / len(lab):.0%} of the cluster)")
-            maj_attr = f' data-majority="{html.escape(class_name(maj), quote=True)}"'
-        else:
-            maj_attr = ""
-        figs = []
-        for i in chosen[c].tolist():
-            where = display_path(ds.paths[i]) if ds.paths is not None else f"#{i}"
-            cap = f"{conf[i]:.2f}"
-            figs.append(f'<figure><img src="{html.escape(thumbs[i], quote=True)}" alt="image {i}" loading="eager" '
-                        f'title="{html.escape(where, quote=True)} (p={cap})"><figcaption>{cap}</figcaption></figure>')
-        sections.append(f'<section class="cluster" id="cluster-{c}" data-cluster="{c}" data-size="{int(sizes[c])}"'
-                        f'{maj_attr}><h3>cluster {c}</h3><div class="meta">{" &middot; ".join(meta)}</div>'
-                        f'<div class="thumbs">{"".join(figs)}</div></section>')
+    thumbs = _thumbnails(ds, all_idx, out, embed_images)
+    metrics, confusion_html = _confusion_section(labels, pred, num_clusters, class_names, out, embed_images)
+    sections = _gallery(ds, shown, chosen, thumbs, pred, conf, sizes, labels, class_names)
     truncated = ""
     if len(order) > len(shown):
         truncated = (f'<p class="note">Showing the {len(shown)} largest of {len(order)} non-empty clusters '
                      f'(max_clusters={max_clusters}).</p>')
-
-    # ---- size chart
-    if num_clusters <= 60:
-        size_chart = svg_bar_chart([int(sizes[c]) for c in range(num_clusters)], [str(c) for c in range(num_clusters)],
-                                   "images per cluster (by cluster id)")
-    else:
-        srt = np.sort(sizes)[::-1]
-        size_chart = svg_bar_chart([int(v) for v in srt], None, "images per cluster (sorted by size)")
-
-    # ---- summary
-    cfg = trained.config
     records = read_metrics(run_dir / "metrics.jsonl")
-    last = records[-1] if records else {}
-    summary_rows: list[tuple[str, Any]] = [
-        ("run", display_path(run_dir)), ("checkpoint", display_path(ckpt_path)), ("preset", cfg.preset),
-        ("backbone", cfg.model.backbone), ("clusters C", num_clusters), ("epochs (configured)", cfg.train.epochs),
-        ("epochs (logged)", last.get("epoch", "-")),
-        ("report data", display_path(ds.name) + (f" ({ds.describe()})" if hasattr(ds, "describe") else "")),
-        ("images", n), ("clusters used", int((sizes > 0).sum())),
-    ]
-    if metrics is not None:
-        summary_rows += [("cluster ACC", metrics["acc"]), ("NMI", metrics["nmi"]), ("AMI", metrics["ami"]),
-                         ("ARI", metrics["ari"])]
-    if ds.skipped:
-        summary_rows.append(("files skipped", len(ds.skipped)))
+    summary_rows = _summary_rows(run_dir, ckpt_path, trained, ds, records, sizes, metrics)
 
     title = f"twist report: {run_dir.name}"
     page = f"""<!DOCTYPE html>
@@ -516,7 +372,7 @@ def report(run: str | os.PathLike, data: str | ImageDataset | None = None, out: 
 <main>
 <h2 id="summary">Summary</h2>{_kv_table(summary_rows)}
 <h2 id="curves">Training curves</h2>{_curves(records)}
-<h2 id="sizes">Cluster sizes</h2>{size_chart}
+<h2 id="sizes">Cluster sizes</h2>{_size_chart(sizes)}
 <h2 id="confusion">Confusion matrix</h2>{confusion_html}
 <h2 id="gallery">Cluster gallery</h2>
 <p>Each cluster (largest first) with its {per_cluster} most confident images; the number under an image is its probability.</p>
@@ -534,3 +390,125 @@ def report(run: str | os.PathLike, data: str | ImageDataset | None = None, out: 
         summary["metrics"] = {k: metrics[k] for k in ("acc", "nmi", "ami", "ari", "clusters_used")}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _open_run_and_data(run, data, trained, *, device: str, trust_pickle: bool, split: str, progress: bool):
+    """(run folder, checkpoint path, trained model, dataset): the report's data defaults to the
+    training data source the checkpoint records."""
+    from twist.predict import load_for_prediction
+    from twist.serving import load_trained
+
+    run_dir, ckpt_path = _resolve_run(run)
+    if trained is None:
+        trained = load_trained(ckpt_path, device=device, trust_pickle=trust_pickle)
+    info = trained.checkpoint.get("data", {}) or {}
+    if data is None:
+        data = info.get("source")
+        if not data:
+            raise DataError(f"{ckpt_path} does not record its training data; give DATA explicitly")
+    ds = data if isinstance(data, ImageDataset) else load_for_prediction(str(data), trained, split=split,
+                                                                         progress=progress)
+    return run_dir, ckpt_path, trained, ds
+
+
+def _class_name(class_names: Sequence[str] | None, c: int) -> str:
+    return str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+
+def _thumbnails(ds: ImageDataset, indices: np.ndarray, out: Path, embed_images: bool) -> dict[int, str]:
+    """Image index -> ``src`` of its thumbnail: a ``data:`` URI, or a file under ``out/thumbs``."""
+    thumbs: dict[int, str] = {}
+    if embed_images is False:
+        (out / "thumbs").mkdir(exist_ok=True)
+    for s in range(0, len(indices), 256):
+        part = indices[s:s + 256]
+        imgs = ds.get_batch(part).numpy()
+        for i, img in zip(part.tolist(), imgs):
+            png = _thumb_png(img)
+            if embed_images:
+                thumbs[i] = _data_uri(png)
+            else:
+                name = f"thumbs/img_{i}.png"
+                (out / name).write_bytes(png)
+                thumbs[i] = name
+    return thumbs
+
+
+def _confusion_section(labels: np.ndarray | None, pred: np.ndarray, num_clusters: int,
+                       class_names: Sequence[str] | None, out: Path, embed_images: bool) -> tuple[dict | None, str]:
+    """(cluster metrics or None, the confusion matrix's HTML): confusion.csv and confusion.png
+    are written by :func:`twist.evaluate.save_confusion`, the page shows that PNG."""
+    from twist.evaluate import cluster_metrics, confusion_matrix, save_confusion
+
+    if labels is None:
+        return None, '<p class="muted">The data has no labels: no confusion matrix.</p>'
+    metrics = cluster_metrics(labels, pred, num_clusters=num_clusters)
+    k = max(int(labels.max()) + 1, len(class_names or ()))
+    cm, ids = confusion_matrix(labels, pred, num_classes=k, num_clusters=num_clusters, return_clusters=True)
+    save_confusion(out / "confusion", cm, [_class_name(class_names, i) for i in range(k)], ids)
+    src = _data_uri((out / "confusion.png").read_bytes()) if embed_images else "confusion.png"
+    return metrics, ("<p>Classes (rows) x clusters (columns, in Hungarian-matched order: the diagonal holds "
+                     "each class's matched cluster). Colour: fraction of the class, dark blue 0 to yellow 1; "
+                     "the counts are in confusion.csv.</p>"
+                     f'<img class="confusion" src="{src}" alt="confusion matrix" '
+                     f'style="max-width:100%;image-rendering:pixelated">'
+                     '<p>Files: <a href="confusion.csv">confusion.csv</a>, <a href="confusion.png">confusion.png</a></p>')
+
+
+def _gallery(ds: ImageDataset, shown: list[int], chosen: dict[int, np.ndarray], thumbs: dict[int, str],
+             pred: np.ndarray, conf: np.ndarray, sizes: np.ndarray, labels: np.ndarray | None,
+             class_names: Sequence[str] | None) -> list[str]:
+    """One ``<section class="cluster">`` per shown cluster: size, majority label, thumbnails."""
+    n = len(pred)
+    sections = []
+    for c in shown:
+        meta = [f"{int(sizes[c])} images ({sizes[c] / n:.1%})"]
+        if labels is not None:
+            lab = labels[pred == c]
+            counts = np.bincount(lab)
+            maj = int(counts.argmax())
+            meta.append(f"majority label: <b>{html.escape(_class_name(class_names, maj))}</b> "
+                        f"({counts[maj] / len(lab):.0%} of the cluster)")
+            maj_attr = f' data-majority="{html.escape(_class_name(class_names, maj), quote=True)}"'
+        else:
+            maj_attr = ""
+        figs = []
+        for i in chosen[c].tolist():
+            where = display_path(ds.paths[i]) if ds.paths is not None else f"#{i}"
+            cap = f"{conf[i]:.2f}"
+            figs.append(f'<figure><img src="{html.escape(thumbs[i], quote=True)}" alt="image {i}" loading="eager" '
+                        f'title="{html.escape(where, quote=True)} (p={cap})"><figcaption>{cap}</figcaption></figure>')
+        sections.append(f'<section class="cluster" id="cluster-{c}" data-cluster="{c}" data-size="{int(sizes[c])}"'
+                        f'{maj_attr}><h3>cluster {c}</h3><div class="meta">{" &middot; ".join(meta)}</div>'
+                        f'<div class="thumbs">{"".join(figs)}</div></section>')
+    return sections
+
+
+def _size_chart(sizes: np.ndarray) -> str:
+    """Images per cluster: by cluster id for up to 60 clusters, else sorted by size."""
+    num_clusters = len(sizes)
+    if num_clusters <= 60:
+        return svg_bar_chart([int(sizes[c]) for c in range(num_clusters)], [str(c) for c in range(num_clusters)],
+                             "images per cluster (by cluster id)")
+    srt = np.sort(sizes)[::-1]
+    return svg_bar_chart([int(v) for v in srt], None, "images per cluster (sorted by size)")
+
+
+def _summary_rows(run_dir: Path, ckpt_path: Path, trained, ds: ImageDataset, records: list[dict[str, Any]],
+                  sizes: np.ndarray, metrics: dict | None) -> list[tuple[str, Any]]:
+    """The summary table: run, model, data, cluster use and (with labels) the cluster metrics."""
+    cfg = trained.config
+    last = records[-1] if records else {}
+    rows: list[tuple[str, Any]] = [
+        ("run", display_path(run_dir)), ("checkpoint", display_path(ckpt_path)), ("preset", cfg.preset),
+        ("backbone", cfg.model.backbone), ("clusters C", len(sizes)), ("epochs (configured)", cfg.train.epochs),
+        ("epochs (logged)", last.get("epoch", "-")),
+        ("report data", display_path(ds.name) + (f" ({ds.describe()})" if hasattr(ds, "describe") else "")),
+        ("images", len(ds)), ("clusters used", int((sizes > 0).sum())),
+    ]
+    if metrics is not None:
+        rows += [("cluster ACC", metrics["acc"]), ("NMI", metrics["nmi"]), ("AMI", metrics["ami"]),
+                 ("ARI", metrics["ari"])]
+    if ds.skipped:
+        rows.append(("files skipped", len(ds.skipped)))
+    return rows
