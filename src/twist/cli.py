@@ -112,12 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--semi-lr-head", type=float, default=0.1)
     p.add_argument("--semi-precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--seed", type=int, default=0, help="seed of the probe, the label subsets and fine-tuning")
-    _add_recipe_arguments(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
-    p.set_defaults(func=cmd_eval)
+    _finish_eval_parser(p)
 
     p = sub.add_parser("predict", help="cluster id, confidence and top-3 per image (CSV), optional embeddings",
                        description="Predict clusters for every image of IMAGES (streamed in batches, any size): one "
@@ -355,9 +354,10 @@ def _print_metrics(record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- eval
-def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+def _finish_eval_parser(p: argparse.ArgumentParser) -> None:
+    """The evaluation-recipe options of ``twist eval`` (docs/evaluation.md), and its command."""
     p.add_argument("--recipe", choices=["fast", "paper"], default="fast",
-                   help="fast: the settings above (cached features, short fine-tuning; small data); paper: the "
+                   help="fast: the --linear-*/--semi-* settings (cached features, short fine-tuning; small data); paper: the "
                         "release's linear and semi protocols exactly (docs/evaluation.md); --paper-set changes them")
     p.add_argument("--paper-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one paper-recipe setting (twist.paper_eval.PaperSettings), e.g. epochs=2; repeatable")
@@ -366,6 +366,7 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                         "on, instead of --semi-fractions; repeatable (one run per file)")
     p.add_argument("--vit-features", choices=["cls", "last4", "cls+avgpool"], default=None,
                    help="ViT features for knn and linear (default: last4 for vit_small, cls+avgpool for vit_base)")
+    p.set_defaults(func=cmd_eval)
 
 
 def _float_list(text: str, flag: str, cast=float) -> tuple:
