@@ -233,3 +233,35 @@ def test_vit_features_option_rejected_for_cnn():
     with pytest.raises(ConfigError, match="ViT backbones only"):
         feature_recipe("resnet50", "last4")
     assert PaperSettings.__dataclass_params__.frozen
+
+
+def test_finetune_step_emulates_per_gpu_batchnorm_and_ddp_averaging():
+    """_step with processes=2 gives the gradient of the mean of the two halves' losses, each half
+    normalised by its own BatchNorm statistics, and keeps the running statistics of the first half."""
+    import copy
+
+    from twist.paper_eval import _step
+
+    torch.manual_seed(0)
+    bb = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    fc = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 1, 6, 6) * torch.arange(1, 9).view(8, 1, 1, 1), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ref_bb, ref_fc = copy.deepcopy(bb), copy.deepcopy(fc)
+    opt = torch.optim.SGD([*bb.parameters(), *fc.parameters()], lr=0.0)
+    bb.train()
+    _step(bb, bb, fc, opt, x, y, finetune=True, processes=2)
+    ref_bb.train()
+    first = torch.nn.functional.cross_entropy(ref_fc(ref_bb(x[:4])), y[:4])
+    stats = [b.clone() for b in ref_bb.buffers()]
+    second = torch.nn.functional.cross_entropy(ref_fc(ref_bb(x[4:])), y[4:])
+    ((first + second) / 2).backward()
+    for p, q in zip([*bb.parameters(), *fc.parameters()], [*ref_bb.parameters(), *ref_fc.parameters()]):
+        torch.testing.assert_close(p.grad, q.grad)
+    for b, s in zip(bb.buffers(), stats):
+        torch.testing.assert_close(b, s)
+    whole_bb, whole_fc = copy.deepcopy(ref_bb), copy.deepcopy(ref_fc)
+    for p in [*whole_bb.parameters(), *whole_fc.parameters()]:
+        p.grad = None
+    torch.nn.functional.cross_entropy(whole_fc(whole_bb(x)), y).backward()
+    assert not torch.allclose(whole_bb[0].weight.grad, bb[0].weight.grad)  # one batch of 8 differs

@@ -15,8 +15,13 @@ writing) one JSON-ready dict:
 * ``semi`` -- fine-tune the backbone and a new linear layer on a class-balanced 1 % and 10 %
   subset of the training labels (:func:`balanced_subset`), top-1 / top-5 on the test split.
 
-Backbone features of both splits are extracted once and shared by ``knn`` and ``linear``.
-See ``docs/evaluation.md`` for the defaults and how they compare to the paper's protocol.
+Backbone features of both splits are extracted once and shared by ``knn`` and ``linear`` (for
+ViTs the release's token recipe, :data:`twist.vit.VIT_FEATURE_RECIPES`, ``vit_features``).
+These are the ``fast`` recipe; ``recipe="paper"`` runs ``linear`` and ``semi`` as the authors'
+release does (:mod:`twist.paper_eval`) and evaluates on its Resize + CenterCrop view. The
+labelled subsets of ``semi`` can come from file lists (``semi_subsets``, :func:`select_subset`,
+the ImageNet 1 % / 10 % lists). Every result names its recipe. See ``docs/evaluation.md`` for the
+defaults and how they compare to the paper's protocol.
 
 Example::
 
