@@ -12,25 +12,55 @@ from twist.optim import LARS, build_optimizer, cosine_schedule, param_groups, se
 
 
 def test_lars_step_by_hand():
+    """Two steps of the release's formula (bytedance/TWIST lars.py) computed by hand, with the
+    learning rate changed between them: local = eta ||w|| / (||g|| + wd ||w||), the update
+    lr * local * (g + wd w) enters the momentum buffer, w -= buf."""
     w = nn.Parameter(torch.tensor([[3.0, 4.0]]))      # ||w|| = 5
     b = nn.Parameter(torch.tensor([1.0]))
     opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
                lr=0.1, weight_decay=0.5, momentum=0.9, eta=0.01)
-    w.grad = torch.tensor([[0.0, 1.0]])
+    w.grad = torch.tensor([[0.0, 2.0]])               # ||g|| = 2
     b.grad = torch.tensor([2.0])
     opt.step()
-    upd = torch.tensor([[0.0, 1.0]]) + 0.5 * torch.tensor([[3.0, 4.0]])  # g + wd * w = (1.5, 3)
-    ratio = 0.01 * 5.0 / math.sqrt(1.5 ** 2 + 3 ** 2)
-    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.1 * ratio * upd)
+    local1 = 0.01 * 5.0 / (2.0 + 0.5 * 5.0)           # = 0.05 / 4.5, not eta ||w|| / ||g + wd w||
+    buf1 = 0.1 * local1 * torch.tensor([[1.5, 4.0]])  # g + wd * w = (0 + 1.5, 2 + 2)
+    w1 = torch.tensor([[3.0, 4.0]]) - buf1
+    torch.testing.assert_close(w.detach(), w1)
     torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 0.1 * 2.0]))
-    # second step uses momentum
-    w_before = w.detach().clone()
+    # second step at a new learning rate: the buffer keeps the first step's rate inside it
+    for g in opt.param_groups:
+        g["lr"] = 0.3
+    w.grad = torch.tensor([[1.0, 0.0]])               # ||g|| = 1
+    b.grad = torch.tensor([1.0])
+    opt.step()
+    wn = math.hypot(*w1[0].tolist())
+    local2 = 0.01 * wn / (1.0 + 0.5 * wn)
+    buf2 = 0.9 * buf1 + 0.3 * local2 * (torch.tensor([[1.0, 0.0]]) + 0.5 * w1)
+    torch.testing.assert_close(w.detach(), w1 - buf2)
+    torch.testing.assert_close(b.detach(), torch.tensor([0.8 - (0.9 * 0.2 + 0.3 * 1.0)]))
+    # the old variant (trust ratio on ||g + wd w||, lr applied after the momentum) differs here
+    old_ratio1 = 0.01 * 5.0 / math.hypot(1.5, 4.0)
+    assert abs(old_ratio1 - local1) > 1e-4
+
+
+def test_lars_zero_gradient_without_decay_does_not_move():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    opt = LARS([{"params": [w]}], lr=0.1, weight_decay=0.0, momentum=0.9, eta=0.01)
     w.grad = torch.zeros_like(w)
     opt.step()
-    upd2 = 0.5 * w_before
-    ratio2 = 0.01 * w_before.norm() / upd2.norm()
-    mu = 0.9 * ratio * upd + ratio2 * upd2
-    torch.testing.assert_close(w.detach(), w_before - 0.1 * mu)
+    assert torch.isfinite(w).all() and torch.equal(w.detach(), torch.tensor([[3.0, 4.0]]))
+
+
+def test_lars_converts_a_state_saved_with_the_old_key():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    opt = LARS([{"params": [w]}], lr=0.2, weight_decay=0.0, momentum=0.9, eta=0.01)
+    opt.state[w]["mu"] = torch.tensor([[1.0, 1.0]])
+    w.grad = torch.tensor([[0.0, 1.0]])
+    opt.step()
+    local = 0.01 * 5.0 / 1.0
+    buf = 0.9 * 0.2 * torch.tensor([[1.0, 1.0]]) + 0.2 * local * torch.tensor([[0.0, 1.0]])
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0]]) - buf)
+    assert "mu" not in opt.state[w]
 
 
 def test_param_groups_exclude_biases_and_norms():

@@ -147,10 +147,22 @@ def test_ema_update_by_hand():
         update_teacher(teacher, student, momentum=1.5)
 
 
-def test_teacher_has_no_stochastic_depth(vit_s8):
+def test_teacher_keeps_stochastic_depth_as_the_release(vit_s8):
+    """The release's teacher is built with the student's drop_path and stays in training mode,
+    so its stochastic depth is on (bytedance/TWIST train.py, vision_transformer.py)."""
     teacher = make_teacher(vit_s8)
-    assert teacher.blocks[-1].drop_path1.drop_prob == 0.0
-    assert vit_s8.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
-    x = torch.randn(2, 1, 16, 16)
+    assert teacher.training
+    assert teacher.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    x = torch.randn(8, 1, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(teacher(x), teacher(x))  # deterministic in training mode
+        torch.manual_seed(0)
+        a = teacher(x)
+        torch.manual_seed(1)
+        b = teacher(x)
+        torch.manual_seed(0)
+        a_again = teacher(x)
+        teacher.eval()
+        c, d = teacher(x), teacher(x)
+    assert not torch.allclose(a, b)  # different paths dropped under different random draws
+    torch.testing.assert_close(a, a_again)
+    torch.testing.assert_close(c, d)  # eval mode: no drop

@@ -131,7 +131,7 @@ def _add_eval_command(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (can execute code; trusted files only)")
-    p.set_defaults(func=cmd_eval)
+    _finish_eval_parser(p)
 
 
 def _add_predict_command(sub) -> None:
@@ -380,6 +380,21 @@ def _print_metrics(record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- eval
+def _finish_eval_parser(p: argparse.ArgumentParser) -> None:
+    """The evaluation-recipe options of ``twist eval`` (docs/evaluation.md), and its command."""
+    p.add_argument("--recipe", choices=["fast", "paper"], default="fast",
+                   help="fast: the --linear-*/--semi-* settings (cached features, short fine-tuning; small data); paper: the "
+                        "release's linear and semi protocols exactly (docs/evaluation.md); --paper-set changes them")
+    p.add_argument("--paper-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one paper-recipe setting (twist.paper_eval.PaperSettings), e.g. epochs=2; repeatable")
+    p.add_argument("--semi-subset", action="append", default=[], metavar="FILE",
+                   help="a list of training file names (one per line, as the ImageNet 1%%/10%% lists) to fine-tune "
+                        "on, instead of --semi-fractions; repeatable (one run per file)")
+    p.add_argument("--vit-features", choices=["cls", "last4", "cls+avgpool"], default=None,
+                   help="ViT features for knn and linear (default: last4 for vit_small, cls+avgpool for vit_base)")
+    p.set_defaults(func=cmd_eval)
+
+
 def _float_list(text: str, flag: str, cast=float) -> tuple:
     try:
         return tuple(cast(v) for v in text.split(",") if v.strip())
@@ -388,6 +403,7 @@ def _float_list(text: str, flag: str, cast=float) -> tuple:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from twist.paper_eval import check_recipe_flags, eval_image_size
     from twist.protocols import EvalOptions, default_eval_dir, parse_protocols, run_protocols, split_for_eval
     from twist.serving import load_trained
 
@@ -399,10 +415,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         linear_aug=args.linear_aug, semi_fractions=_float_list(args.semi_fractions, "--semi-fractions"),
         semi_epochs=args.semi_epochs, semi_min_steps=args.semi_min_steps, semi_batch_size=args.semi_batch_size,
         semi_lr_backbone=args.semi_lr_backbone, semi_lr_head=args.semi_lr_head, semi_precision=args.semi_precision,
-        seed=args.seed)
+        seed=args.seed, recipe=args.recipe, semi_subsets=tuple(args.semi_subset), vit_features=args.vit_features,
+        paper_overrides=tuple(args.paper_set))
+    check_recipe_flags(args, build_parser().parse_args(["eval", args.checkpoint, args.data]))
     trained = load_trained(args.checkpoint, device=args.device, trust_pickle=args.trust_pickle)
     train_ds, test_ds, split_info = split_for_eval(
-        args.data, train_data=args.train_data, image_size=trained.image_size, split=args.split,
+        args.data, train_data=args.train_data, image_size=eval_image_size(trained, args.recipe), split=args.split,
         train_split=args.train_split, test_fraction=args.test_fraction, seed=args.split_seed,
         progress=not args.no_progress)
     out_dir = Path(args.out_dir) if args.out_dir else default_eval_dir(trained.path)
@@ -415,7 +433,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lines = {"cluster": lambda r: f"ACC {r['acc']:.4f}  NMI {r['nmi']:.4f}  AMI {r['ami']:.4f}  ARI {r['ari']:.4f}  "
                                   f"top-5 {r['top5']:.4f}  clusters used {r['clusters_used']}/{r['num_clusters']}",
              "knn": lambda r: "  ".join(f"k={k} top-1 {r[f'top1_k{k}']:.4f}" for k in r["k"]),
-             "linear": lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['epochs']} epochs)",
+             "linear": lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['epochs']} epochs, {r['recipe']})",
              "semi": lambda r: "  ".join(f"{tag} ({s['num_labels']} labels) top-1 {s['top1']:.4f}"
                                          for tag, s in r["fractions"].items())}
     print(f"train: {train_ds.name} ({len(train_ds)} images)  test: {test_ds.name} ({len(test_ds)} images)")

@@ -12,9 +12,13 @@ targets of the consistency term (:class:`twist.loss.TwistLoss` with ``teacher=``
 ``mean over (teacher view i, student view j != i) of KL(teacher_i || student_j)``.
 
 Mode: the teacher stays in training mode, as in the release, so its BatchNorms (and the NBS in
-particular) normalise with the statistics of its own batch, like the student's. Stochastic
-depth is switched off in the teacher (its ``DropPath`` rates are set to 0), as DINO does, so
-its targets carry no dropout noise.
+particular) normalise with the statistics of its own batch, like the student's, and its
+stochastic depth stays on: the release builds the teacher with the student's arguments
+(``train.py``: ``teacher_model = TWIST(args)``, ``drop_path_rate=args.drop_path``) and never
+switches it to eval mode, and its ``DropPath`` drops paths whenever ``self.training`` is true
+(``vision_transformer.py``). With the ViT-B preset (``model.drop_path = 0.1``) the teacher's
+targets therefore carry the same per-sample stochastic depth as the student's (DINO, by
+contrast, disables it in its teacher). ViT-S uses no stochastic depth at all.
 
 Example::
 
@@ -48,15 +52,12 @@ def make_teacher(model: nn.Module) -> nn.Module:
     """A frozen deep copy of ``model`` (unwrapped from DDP) to be used as the EMA teacher.
 
     Parameters do not require gradients; the copy is in training mode (batch statistics in its
-    BatchNorms, as the release) with stochastic depth disabled.
+    BatchNorms, stochastic depth as in the student), as the release's teacher.
     """
     teacher = copy.deepcopy(_unwrap(model))
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher.train()
-    for m in teacher.modules():
-        if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob"):
-            m.drop_prob = 0.0
     return teacher
 
 

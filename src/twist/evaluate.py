@@ -58,6 +58,7 @@ __all__ = [
     "knn_predict",
     "knn_top1",
     "linear_probe",
+    "topk_correct",
     "DEFAULT_PROBE_LR",
 ]
 
@@ -468,6 +469,19 @@ def knn_top1(train_feats: Any, train_labels: Any, test_feats: Any, test_labels: 
 
 
 # ----------------------------------------------------------------------------- linear probe
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int = 5) -> tuple[int, int]:
+    """(top-1 correct, top-``min(k, classes)`` correct) counts of ``logits`` (N, classes) for labels ``y``.
+
+    Example::
+
+        >>> topk_correct(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.2]]), torch.tensor([1, 2]), k=2)
+        (1, 2)
+    """
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return int((top[:, 0] == y).sum()), int((top == y[:, None]).any(dim=1).sum())
+
+
 def linear_probe(train_feats: Any, train_labels: Any, test_feats: Any, test_labels: Any, *,
                  epochs: int = 100, lr: float | None = None, batch_size: int = 256,
                  weight_decay: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",

@@ -28,11 +28,16 @@ def _autocast(device: torch.device, precision: str):
 def extract(model, dataset, transform: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device | str = "cpu",
             precision: str = "fp32", batch_size: int = 512, tau: float = 1.0, want_features: bool = True,
             want_probs: bool = True, progress: bool = False, indices: np.ndarray | None = None,
-            channels_last: bool = False) -> dict[str, torch.Tensor]:
+            channels_last: bool = False,
+            features_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+            ) -> dict[str, torch.Tensor]:
     """Backbone features (N, D) and softmax(logits / tau) (N, C) of every image, in order.
 
     Features and probabilities are returned as float32 CPU tensors. ``indices`` restricts the
     pass to those images (used by distributed evaluation to take one shard per process).
+    ``features_fn(x) -> (head input, features)`` replaces ``model.features`` when the features
+    to return are not the head's input (a ViT's last-4 class tokens, :func:`twist.vit.vit_features`),
+    so both come from one backbone pass.
     """
     device = torch.device(device)
     was_training = model.training
@@ -51,9 +56,12 @@ def extract(model, dataset, transform: Callable[[torch.Tensor], torch.Tensor], *
             x = transform(dataset.get_batch(idx).to(device, non_blocking=True))
             x = x.contiguous(memory_format=memory_format)
             with _autocast(device, precision):
-                f = model.features(x)
+                if features_fn is None:
+                    h = f = model.features(x)
+                else:
+                    h, f = features_fn(x)
                 if want_probs:
-                    z = model.head(f)
+                    z = model.head(h)
             if want_features:
                 feats.append(f.float().cpu())
             if want_probs:

@@ -2,9 +2,13 @@
 
 - Parameter groups: weights with two or more dimensions get weight decay (and LARS
   adaptation); biases and other 1-D parameters (BatchNorm) get neither, as in the release.
-- LARS, the release's variant: for each adapted weight, the update g + wd * w is rescaled by
-  the trust ratio eta * ||w|| / ||g + wd * w|| (1 where either norm is 0), then heavy-ball
-  momentum is applied. Excluded parameters follow plain momentum SGD.
+- LARS exactly as the release (bytedance/TWIST ``lars.py``, class ``LARS_OPENSELF``): for each
+  adapted weight the local rate is ``eta * ||w|| / (||g|| + wd * ||w||)`` (the norms of the
+  gradient and of the weight, not of the decayed update), the update ``lr * local * (g + wd * w)``
+  -- learning rate included -- goes into the heavy-ball buffer ``buf = m * buf + update``, and
+  ``w -= buf``. Because the rate is folded into the buffer, a step remembers the rates of earlier
+  steps (this matters while the rate changes, in the warm-up and the cosine). Excluded
+  parameters (biases, BatchNorm) use local rate 1 and no decay (their group's weight decay is 0).
 - Schedules are per optimiser step: linear warm-up from 0 then cosine to lr * min_lr_ratio;
   weight decay follows a cosine from weight_decay to weight_decay_end.
 
@@ -29,10 +33,23 @@ from twist.config import OptimConfig
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise adaptive rate scaling, as in the TWIST/SwAV/Barlow Twins releases.
+    """Layer-wise adaptive rate scaling with the TWIST release's formula (``lars.py``).
 
-    A group with ``lars_exclude=True`` (biases, BatchNorm) gets no weight decay and no
-    trust-ratio scaling.
+    For a parameter ``w`` of a group with learning rate ``lr``, weight decay ``wd``, momentum
+    ``m`` and trust coefficient ``eta``::
+
+        local = eta * ||w|| / (||g|| + wd * ||w||)     (1 in a group with lars_exclude=True)
+        buf   = m * buf + lr * local * (g + wd * w)    (buf starts at 0)
+        w     = w - buf
+
+    Why this form and not ``||g + wd * w||`` with the rate applied after the momentum: it is the
+    optimiser the published ResNet numbers were trained with. The only departure is a guard:
+    where ``||g|| + wd * ||w||`` is 0 (a zero gradient without decay), where the release would
+    divide by zero, the local rate is 1 (the update is zero then unless wd > 0, so nothing moves).
+    A zero weight with a non-zero gradient gets local rate 0, as in the release.
+
+    Optimiser states saved by twist before this formula (key ``mu``: the momentum of the
+    un-scaled updates) are converted on the next step to ``lr * mu``, their equivalent buffer.
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
@@ -47,23 +64,28 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d_p = p.grad
-                if not group["lars_exclude"]:
-                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                g = p.grad
+                update = g.add(p, alpha=wd) if wd != 0 else g.clone()
+                if group["lars_exclude"]:
+                    update.mul_(lr)
+                else:
                     w_norm = torch.linalg.vector_norm(p)
-                    u_norm = torch.linalg.vector_norm(d_p)
-                    one = torch.ones_like(w_norm)
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, one)
-                    d_p = d_p.mul(ratio)
+                    denom = torch.linalg.vector_norm(g) + wd * w_norm
+                    local = torch.where(denom > 0, group["eta"] * w_norm / denom.clamp_min(1e-38),
+                                        torch.ones_like(denom))
+                    update.mul_(local * lr)
                 state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(d_p)
-                p.add_(mu, alpha=-group["lr"])
+                if "mu" in state:  # a state saved before the release formula: mu held un-scaled updates
+                    state["momentum_buffer"] = state.pop("mu").mul_(lr)
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(group["momentum"]).add_(update)
+                p.sub_(buf)
         return loss
 
 

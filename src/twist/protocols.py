@@ -15,8 +15,13 @@ writing) one JSON-ready dict:
 * ``semi`` -- fine-tune the backbone and a new linear layer on a class-balanced 1 % and 10 %
   subset of the training labels (:func:`balanced_subset`), top-1 / top-5 on the test split.
 
-Backbone features of both splits are extracted once and shared by ``knn`` and ``linear``.
-See ``docs/evaluation.md`` for the defaults and how they compare to the paper's protocol.
+Backbone features of both splits are extracted once and shared by ``knn`` and ``linear`` (for
+ViTs the release's token recipe, :data:`twist.vit.VIT_FEATURE_RECIPES`, ``vit_features``).
+These are the ``fast`` recipe; ``recipe="paper"`` runs ``linear`` and ``semi`` as the authors'
+release does (:mod:`twist.paper_eval`) and evaluates on its Resize + CenterCrop view. The
+labelled subsets of ``semi`` can come from file lists (``semi_subsets``, :func:`select_subset`,
+the ImageNet 1 % / 10 % lists). Every result names its recipe. See ``docs/evaluation.md`` for the
+defaults and how they compare to the paper's protocol.
 
 Example::
 
@@ -47,6 +52,7 @@ from torch import nn
 
 from twist.config import ConfigError
 from twist.data import DataError, ImageDataset, load_dataset
+from twist.evaluate import topk_correct
 from twist.io import write_text_atomic
 
 __all__ = [
@@ -57,6 +63,8 @@ __all__ = [
     "stratified_split",
     "subset_dataset",
     "balanced_subset",
+    "read_subset_list",
+    "select_subset",
     "parse_protocols",
     "run_protocols",
     "cluster_protocol",
@@ -96,6 +104,16 @@ class EvalOptions:
     semi_precision: str = "auto"
     """'auto' = bf16 autocast where the device supports it (see ``train.resolve_precision``), else fp32."""
     seed: int = 0
+    recipe: str = "fast"
+    """fast (the settings above, for small data) or paper (the release's linear and semi protocols,
+    :mod:`twist.paper_eval`; the linear_* / semi_* settings above are then not used)."""
+    semi_subsets: tuple[str, ...] = ()
+    """Files listing the training file names of each labelled subset (the ImageNet 1 % / 10 % lists);
+    one fine-tuning run per file instead of the seeded ``semi_fractions`` subsets."""
+    vit_features: str | None = None
+    """ViT features for kNN and linear (twist.vit.VIT_FEATURE_RECIPES); None = the architecture's default."""
+    paper_overrides: tuple[str, ...] = ()
+    """``field=value`` changes of the paper recipe's settings (twist.paper_eval.PaperSettings), e.g. epochs=2."""
 
 
 # ====================================================================== splits
@@ -242,6 +260,65 @@ def balanced_subset(labels: Sequence[int] | np.ndarray, fraction: float, seed: i
     return np.sort(np.concatenate(chosen))
 
 
+def read_subset_list(path: str | os.PathLike) -> list[str]:
+    """The file names listed in ``path``, one per line (blank lines and surrounding spaces ignored),
+    in the format of the ImageNet 1 % / 10 % lists (``n01440764_10026.JPEG``).
+
+    Example::
+
+        >>> import tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "s.txt"); _ = open(p, "w").write("a.png\\n\\n b.png \\n")
+        >>> read_subset_list(p)
+        ['a.png', 'b.png']
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--semi-subset {path}: cannot read it ({exc})") from None
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"--semi-subset {path}: the file lists no names")
+    return names
+
+
+def select_subset(ds: ImageDataset, names: Sequence[str], source: str = "the subset list") -> np.ndarray:
+    """Sorted indices of the images of ``ds`` (an image folder) whose file name is in ``names``.
+
+    A name matches an image whose file name (the last path component) equals it; a name with a
+    ``/`` matches an image whose path ends with it. Every name must match exactly one image:
+    names that match none raise :class:`DataError` saying how many are missing and showing a few;
+    a name matching several images (the same file name in two class folders) is ambiguous and an
+    error too. Duplicated names in the list count once.
+    """
+    if ds.paths is None:
+        raise DataError(f"{source} names files, but the training data ({ds.name}) is not an image folder")
+    by_name: dict[str, list[int]] = {}
+    for i, path in enumerate(ds.paths):
+        norm = str(path).replace(os.sep, "/")
+        by_name.setdefault(norm.rsplit("/", 1)[-1], []).append(i)
+    wanted = list(dict.fromkeys(names))
+    chosen, missing, ambiguous = [], [], []
+    for name in wanted:
+        key = name.replace("\\", "/")
+        hits = by_name.get(key.rsplit("/", 1)[-1], [])
+        if "/" in key:
+            hits = [i for i in hits if str(ds.paths[i]).replace(os.sep, "/").endswith("/" + key.lstrip("/"))]
+        if not hits:
+            missing.append(name)
+        elif len(hits) > 1:
+            ambiguous.append(name)
+        else:
+            chosen.append(hits[0])
+    if missing:
+        raise DataError(f"{source}: {len(missing)} of {len(wanted)} listed file names are not in the training data "
+                        f"{ds.name} ({len(ds)} images), e.g. {', '.join(missing[:5])}")
+    if ambiguous:
+        raise DataError(f"{source}: {len(ambiguous)} listed file names match several training images, e.g. "
+                        f"{', '.join(ambiguous[:5])}; give them with their folder (class/name)")
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
 # ====================================================================== helpers
 def parse_protocols(spec: str | Iterable[str]) -> list[str]:
     """``"cluster,knn"`` (or a list, or ``"all"``) -> validated, de-duplicated protocol names.
@@ -290,12 +367,42 @@ def _write_json(path: Path, obj: dict) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+def _feature_recipe(trained, opts: EvalOptions) -> str:
+    from twist.paper_eval import feature_recipe
+
+    return feature_recipe(trained.config.model.backbone, opts.vit_features)
+
+
+def _eval_features_fn(trained, opts: EvalOptions):
+    """x -> the features kNN and the linear probe use (pooled output, or the ViT token recipe)."""
+    from twist.vit import vit_features
+
+    recipe = _feature_recipe(trained, opts)
+    if recipe == "pooled":
+        return trained.model.features
+    return lambda x: vit_features(trained.model.backbone, x, recipe)[1]
+
+
+def _eval_transform(trained, opts: EvalOptions):
+    """The run's own evaluation view (fast recipe) or the release's resize + centre crop (paper)."""
+    if opts.recipe != "paper":
+        return trained.eval_transform
+    from twist.paper_eval import paper_eval_transform, paper_settings
+
+    crop = int(trained.config.augment.global_size)
+    return paper_eval_transform(trained, paper_settings("linear", trained.config.model.backbone, crop_size=crop,
+                                                        vit_features=opts.vit_features))
+
+
 def _features(trained, ds: ImageDataset, opts: EvalOptions, want_probs: bool, progress: bool):
     from twist.inference import extract
+    from twist.vit import vit_features
 
-    return extract(trained.model, ds, trained.eval_transform, device=trained.device, precision=trained.precision,
-                   batch_size=opts.batch_size, tau=float(trained.config.loss.tau), want_probs=want_probs,
-                   progress=progress)
+    recipe = _feature_recipe(trained, opts)
+    pair = None if recipe == "pooled" else (lambda x: vit_features(trained.model.backbone, x, recipe))
+    return extract(trained.model, ds, _eval_transform(trained, opts), device=trained.device,
+                   precision=trained.precision, batch_size=opts.batch_size, tau=float(trained.config.loss.tau),
+                   want_probs=want_probs, progress=progress, features_fn=pair)
 
 
 def _resolve_precision(name: str, device: torch.device) -> str:
@@ -309,12 +416,6 @@ def _autocast(device: torch.device, precision: str):
     from twist.runtime import autocast_context
 
     return autocast_context(device, precision)
-
-
-def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, int]:
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return int((top[:, 0] == y).sum()), int((top == y[:, None]).any(dim=1).sum())
 
 
 # ====================================================================== cluster
@@ -438,7 +539,8 @@ def _linear_probe_aug(trained, train_ds, y_tr, train_feats, test_feats, y_te, op
     from twist.evaluate import DEFAULT_PROBE_LR
 
     device = trained.device
-    model = trained.model.eval()
+    trained.model.eval()
+    features = _eval_features_fn(trained, opts)
     augment = _probe_augment(trained)
     gen = torch.Generator().manual_seed(opts.seed)
     mean = train_feats.mean(0, keepdim=True).to(device)
@@ -467,7 +569,7 @@ def _linear_probe_aug(trained, train_ds, y_tr, train_feats, test_feats, y_te, op
             with torch.no_grad():
                 x = augment(images.to(device), gen)[0]
                 with _autocast(device, trained.precision):
-                    f = model.features(x)
+                    f = features(x)
                 f = (f.float() - mean) / std
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
@@ -482,7 +584,7 @@ def _linear_probe_aug(trained, train_ds, y_tr, train_feats, test_feats, y_te, op
         last_loss = loss_sum / max(n, 1)
     with torch.no_grad():
         logits = head((test_feats.to(device) - mean) / std)
-        c1, c5 = _topk_correct(logits, torch.as_tensor(y_te).to(device), 5)
+        c1, c5 = topk_correct(logits, torch.as_tensor(y_te).to(device), 5)
     m = len(y_te)
     return {"top1": c1 / m, "top5": c5 / m, "epochs": opts.linear_epochs, "lr": lr, "train_loss": last_loss}
 
@@ -586,7 +688,7 @@ def semi_supervised(trained, train_ds: ImageDataset, test_ds: ImageDataset, frac
             x = trained.eval_transform(test_ds.get_batch(b).to(device))
             with _autocast(device, precision):
                 logits = net(x)
-            a1, a5 = _topk_correct(logits.float(), y_t[b].to(device), 5)
+            a1, a5 = topk_correct(logits.float(), y_t[b].to(device), 5)
             c1, c5 = c1 + a1, c5 + a5
     m = len(y_te)
     return {"fraction": float(fraction), "num_labels": int(n),
@@ -600,6 +702,59 @@ def semi_supervised(trained, train_ds: ImageDataset, test_ds: ImageDataset, frac
 def _fraction_tag(fraction: float) -> str:
     pct = fraction * 100
     return f"{pct:g}pct".replace(".", "_")
+
+
+def _linear(trained, train_ds, test_ds, opts: EvalOptions, cache: dict, progress: bool) -> dict[str, Any]:
+    if opts.recipe != "paper":
+        return linear_protocol(trained, train_ds, test_ds, options=opts, train_feats=cache["train_features"],
+                               test_feats=cache["test_features"], progress=progress)
+    from twist.paper_eval import paper_linear, paper_settings
+
+    settings = paper_settings("linear", trained.config.model.backbone, crop_size=trained.config.augment.global_size,
+                              vit_features=opts.vit_features, overrides=opts.paper_overrides)
+    return paper_linear(trained, train_ds, test_ds, settings, seed=opts.seed, batch_size=opts.batch_size,
+                        progress=progress)
+
+
+def _semi_subsets(train_ds: ImageDataset, opts: EvalOptions) -> list[tuple[str, np.ndarray, str]]:
+    """(tag, training indices, where they came from) of every labelled subset to fine-tune on."""
+    if opts.semi_subsets:
+        out = []
+        for path in opts.semi_subsets:
+            idx = select_subset(train_ds, read_subset_list(path), f"--semi-subset {path}")
+            out.append((Path(path).stem.replace(".", "_"), idx, f"list {path}"))
+        return out
+    y = _labels_of(train_ds, "train")
+    return [(_fraction_tag(f), balanced_subset(y, f, opts.seed), f"balanced {f:g}, seed {opts.seed}")
+            for f in opts.semi_fractions]
+
+
+def _semi_runs(trained, train_ds, test_ds, opts: EvalOptions, out: Path | None, progress: bool) -> dict[str, Any]:
+    """One fine-tuning run per labelled subset, with the fast or the paper recipe."""
+    runs = {}
+    for tag, idx, origin in _semi_subsets(train_ds, opts):
+        fraction = len(idx) / len(train_ds)
+        if opts.recipe == "paper":
+            from twist.paper_eval import paper_semi, paper_settings
+
+            settings = paper_settings("semi", trained.config.model.backbone,
+                                      crop_size=trained.config.augment.global_size, label_fraction=fraction,
+                                      overrides=opts.paper_overrides)
+            s = paper_semi(trained, subset_dataset(train_ds, idx), test_ds, settings, seed=opts.seed,
+                           batch_size=opts.batch_size, progress=progress)
+            s.update({"fraction": fraction, "num_labels": int(len(idx)), "subset_indices": idx.tolist()})
+        else:
+            s = semi_supervised(trained, train_ds, test_ds, fraction, options=opts, indices=idx, progress=progress)
+            s["recipe"] = "fast"
+        s["subset_source"] = origin
+        if out is not None:
+            subset_file = out / f"semi_subset_{tag}.txt"
+            subset_file.write_text("".join(f"{i}\n" for i in s["subset_indices"]))
+            s["subset_file"] = str(subset_file)
+            if len(s["subset_indices"]) > 2000:  # large subsets: the file holds them
+                del s["subset_indices"]
+        runs[tag] = s
+    return {"recipe": opts.recipe, "fractions": runs, **{f"top1_{tag}": s["top1"] for tag, s in runs.items()}}
 
 
 # ====================================================================== all together
@@ -626,6 +781,8 @@ def run_protocols(trained, train_ds: ImageDataset, test_ds: ImageDataset,
     """
     names = parse_protocols(protocols)
     opts = dataclasses.replace(options or EvalOptions(), **overrides)
+    if opts.recipe not in ("fast", "paper"):
+        raise ConfigError(f"unknown recipe '{opts.recipe}'; valid: fast, paper")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -637,15 +794,17 @@ def run_protocols(trained, train_ds: ImageDataset, test_ds: ImageDataset,
     needs_train = any(p in names for p in ("knn", "linear", "semi"))
     y_tr = _labels_of(train_ds, "train") if needs_train else None
     common = {"train_data": train_ds.name, "test_data": test_ds.name, "num_train": len(train_ds),
-              "num_test": len(test_ds), **(extra or {})}
+              "num_test": len(test_ds), "eval_view": repr(_eval_transform(trained, opts)),
+              "features": _feature_recipe(trained, opts), **(extra or {})}
 
     cache: dict[str, torch.Tensor] = {}
-    if "cluster" in names or "knn" in names or "linear" in names:
+    cached_linear = "linear" in names and opts.recipe != "paper"  # the paper probe draws new views every epoch
+    if "cluster" in names or "knn" in names or cached_linear:
         res = _features(trained, test_ds, opts, "cluster" in names, progress)
         cache.update({"test_features": res["features"]})
         if "probs" in res:
             cache["test_probs"] = res["probs"]
-    if "knn" in names or "linear" in names:
+    if "knn" in names or cached_linear:
         cache["train_features"] = _features(trained, train_ds, opts, False, progress)["features"]
 
     results: dict[str, dict[str, Any]] = {}
@@ -657,22 +816,10 @@ def run_protocols(trained, train_ds: ImageDataset, test_ds: ImageDataset,
             r = knn_protocol(cache["train_features"], y_tr, cache["test_features"], y_te, k=opts.knn_k,
                              temperature=opts.knn_temperature)
         elif name == "linear":
-            r = linear_protocol(trained, train_ds, test_ds, options=opts, train_feats=cache["train_features"],
-                                test_feats=cache["test_features"], progress=progress)
+            r = _linear(trained, train_ds, test_ds, opts, cache, progress)
         else:
-            runs = {}
-            for fraction in opts.semi_fractions:
-                s = semi_supervised(trained, train_ds, test_ds, fraction, options=opts, progress=progress)
-                tag = _fraction_tag(fraction)
-                if out is not None:
-                    subset_file = out / f"semi_subset_{tag}.txt"
-                    subset_file.write_text("".join(f"{i}\n" for i in s["subset_indices"]))
-                    s["subset_file"] = str(subset_file)
-                    if len(s["subset_indices"]) > 2000:  # large subsets: the file holds them
-                        del s["subset_indices"]
-                runs[tag] = s
-            r = {"fractions": runs,
-                 **{f"top1_{tag}": s["top1"] for tag, s in runs.items()}}
+            r = _semi_runs(trained, train_ds, test_ds, opts, out, progress)
+        r.setdefault("recipe", opts.recipe)
         r = {"protocol": name, **r, **common, "seconds": round(time.perf_counter() - t0, 3)}
         results[name] = r
         if out is not None:

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from twist.config import ConfigError, ModelConfig
@@ -94,3 +95,46 @@ def build_vit(cfg: ModelConfig, in_channels: int = 3, img_size: int = DEFAULT_IM
     )
     net.feature_dim = embed_dim
     return net
+
+
+# ---------------------------------------------------------------------- evaluation features
+VIT_FEATURE_RECIPES = ("cls", "last4", "cls+avgpool")
+"""Features of a ViT for the linear probe and kNN (bytedance/TWIST ``evaluate_vitlinear.py``,
+arguments ``--n_last_blocks`` and ``--avgpool_patchtokens``); every token is taken after the
+final LayerNorm, as the release's ``get_intermediate_layers``:
+
+* ``cls``: the class token of the last block (D values; the backbone's own output);
+* ``last4``: the class tokens of the last 4 blocks, concatenated (4 D; ``--n_last_blocks 4``,
+  the script's default, which its help text names for ViT-Small);
+* ``cls+avgpool``: the last block's class token and the mean of its patch tokens (2 D;
+  ``--n_last_blocks 1 --avgpool_patchtokens true``, which the help text names for ViT-Base)."""
+
+DEFAULT_VIT_FEATURES: dict[str, str] = {"vit_small": "last4", "vit_base": "cls+avgpool"}
+"""The recipe each architecture is evaluated with by default (as the release's help text says)."""
+
+
+def vit_feature_dim(embed_dim: int, recipe: str) -> int:
+    """Width of the ``recipe`` features of a ViT with ``embed_dim`` channels (384 x 4 for ViT-S last4)."""
+    widths = {"cls": 1, "last4": 4, "cls+avgpool": 2}
+    if recipe not in widths:
+        raise ConfigError(f"unknown ViT feature recipe '{recipe}'; valid: {', '.join(VIT_FEATURE_RECIPES)}")
+    return widths[recipe] * int(embed_dim)
+
+
+def vit_features(net: nn.Module, x: torch.Tensor, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(class token, recipe features)`` of images ``x`` for a timm ViT built by :func:`build_vit`.
+
+    The first is what ``net(x)`` returns (the input of the projection head, so cluster
+    probabilities come from the same pass); the second is the ``recipe`` features
+    (:data:`VIT_FEATURE_RECIPES`) for kNN and the linear probe.
+    """
+    vit_feature_dim(1, recipe)  # validates the name
+    n = 4 if recipe == "last4" else 1
+    layers = net.get_intermediate_layers(x, n=n, return_prefix_tokens=True, norm=True)
+    patches, prefix = layers[-1]
+    cls = prefix[:, 0]
+    if recipe == "cls":
+        return cls, cls
+    if recipe == "last4":
+        return cls, torch.cat([p[:, 0] for _, p in layers], dim=1)
+    return cls, torch.cat([cls, patches.mean(dim=1)], dim=1)
