@@ -44,7 +44,7 @@ stage resumes where it stopped. Metrics go to ``OUT/metrics.jsonl`` with ``"stag
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from twist import distributed as tdist
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["selflabel_loss", "SelfLabelLoss", "SelfLabelTerms", "selection_threshold", "run_selflabel", "STAGE"]
 
@@ -203,21 +205,47 @@ def _loader(dataset, cfg, epoch: int, rank: int, world: int, start_batch: int):
     return loader, len(loader)
 
 
+def _read_resume_point(ckpt_path: Path, cfg, world: int, main: bool):
+    """Where this stage starts: (the finished TWIST stage's counters, the data description, this
+    stage's own checkpoint or None). Rank 0 reads, every rank gets the same (as train.py's resume)."""
+    from twist.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
+    if ckpt is not None and ckpt.get("stage") != STAGE:
+        ckpt = {"state": ckpt.get("state"), "data": ckpt.get("data")}  # the finished TWIST stage: counters only
+    if world > 1:
+        ckpt = tdist.broadcast_object(ckpt)
+    ckpt = ckpt or {}
+    twist_state = dict(ckpt.get("state") or {"global_step": 0})
+    twist_state.update(epoch=cfg.train.epochs, step_in_epoch=0)
+    return twist_state, ckpt.get("data") or {}, ckpt if ckpt.get("stage") == STAGE else None
+
+
+def _running_sums(saved: dict[str, Any] | None) -> tuple[torch.Tensor, int, int]:
+    """An epoch's running (sums of the logged values, steps counted, steps skipped): zeros, or
+    those a mid-epoch checkpoint saved, so a resumed epoch logs what an uninterrupted one would."""
+    if saved is None:
+        return torch.zeros(len(SelfLabelTerms.LOGGED), dtype=torch.float64), 0, 0
+    return saved["sums"].to(torch.float64).clone(), int(saved["count"]), int(saved["skipped_steps"])
+
+
 def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val, out: str | Path,
                   device: torch.device, precision: str, mean: Sequence[float], std: Sequence[float], *,
-                  progress: bool = True, max_steps: int | None = None) -> dict[str, Any] | None:
+                  progress: bool = True, max_steps: int | None = None, session=None) -> dict[str, Any] | None:
     """Run ``cfg.selflabel.epochs`` epochs of self-labeling on ``model`` (see the module docstring).
 
     Called by :func:`twist.train.train` once the TWIST epochs are done, with its (possibly
     DDP-wrapped) model, the EMA teacher or None, the training data, the validation data, the
     run folder, the device / precision and the normalisation of the TWIST stage. Resumes from
     ``OUT/checkpoint.pt`` when that holds a self-labeling checkpoint. ``max_steps`` stops the
-    stage after that many of its optimiser steps (tests).
+    stage after that many of its optimiser steps (tests). ``session`` (a
+    :class:`twist.session.TrainingSession`) stops the stage on SIGTERM / SIGUSR1 with a
+    checkpoint and raises :class:`twist.preempt.Preempted`; its provenance goes into checkpoints.
 
     Returns the last epoch's metrics record, or None when the stage has no epochs.
     """
     from twist.augment import EvalTransform, MultiCropAugment
-    from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+    from twist.checkpoint import CHECKPOINT_NAME, save_checkpoint
     from twist.ema import update_teacher
     from twist.inference import evaluate_model
     from twist.optim import build_optimizer, cosine_schedule, set_step_values
@@ -253,39 +281,27 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
     aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7_000_003)
 
     # ---- resume
-    state = SelfLabelState()
-    twist_state = {"epoch": cfg.train.epochs, "step_in_epoch": 0, "global_step": 0}
-    data_info: dict[str, Any] = {}
-    # rank 0 reads, every rank gets the same dict (as train.py's resume)
-    ckpt = load_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
-    if ckpt is not None and ckpt.get("stage") != STAGE:
-        ckpt = {"state": ckpt.get("state"), "data": ckpt.get("data")}  # the finished TWIST stage: counters only
-    if world > 1:
-        ckpt = tdist.broadcast_object(ckpt)
+    state, epoch_sums = SelfLabelState(), None
+    twist_state, data_info, ckpt = _read_resume_point(ckpt_path, cfg, world, main)
     if ckpt is not None:
-        twist_state = dict(ckpt.get("state") or twist_state)
-        data_info = ckpt.get("data") or {}
-        if ckpt.get("stage") == STAGE:
-            unwrap(model).load_state_dict(ckpt["model"])
-            if teacher is not None and ckpt.get("teacher"):
-                teacher.load_state_dict(ckpt["teacher"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            state = SelfLabelState(**ckpt[STAGE])
-            rng = ckpt.get("rng_per_rank", {}).get(str(rank))
-            if rng is not None:
-                _set_rng_state(rng, aug_gen)
-            if main:
-                print(f"twist: resuming self-labeling in {out} from epoch {state.epoch}, step {state.global_step}",
-                      file=sys.stderr)
+        for module, key in ((unwrap(model), "model"), (teacher, "teacher"), (optimizer, "optimizer"), (scaler, "scaler")):
+            if module is not None and ckpt.get(key):
+                module.load_state_dict(ckpt[key])
+        state = SelfLabelState(**ckpt[STAGE])
+        epoch_sums = ckpt.get("epoch_sums") if state.step_in_epoch else None
+        rng = ckpt.get("rng_per_rank", {}).get(str(rank))
+        if rng is not None:
+            _set_rng_state(rng, aug_gen)
+        if main:
+            logger.info("resuming self-labeling in %s from epoch %d, step %d", out, state.epoch, state.global_step)
         del ckpt
-    twist_state.update(epoch=cfg.train.epochs, step_in_epoch=0)
     if state.epoch >= sl.epochs:
         return None
 
     def checkpoint() -> None:
         rng = {str(rank): _rng_state(aug_gen)}
+        # mid-epoch: the running sums (mean over ranks), so the resumed epoch logs the uninterrupted values
+        saved_sums = tdist.all_reduce_mean_nograd(sums) if state.step_in_epoch else None
         if world > 1:
             rng = tdist.gather_objects(rng)
         if not main:
@@ -300,6 +316,9 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": dict(twist_state),
             "rng_per_rank": rng,
+            "epoch_sums": {"sums": saved_sums.clone(), "count": count, "skipped_steps": skipped_steps}
+            if state.step_in_epoch else None,
+            "provenance": session.provenance if session is not None else None,
             "config": cfg.to_dict(),
             "data": data_info or {"channels": dataset.channels, "mean": list(mean), "std": list(std),
                                   "image_size": cfg.train.image_size or cfg.augment.global_size,
@@ -307,18 +326,18 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
         }, ckpt_path)
 
     if main:
-        print(f"twist: self-labeling for {sl.epochs} epochs x {steps_per_epoch} steps, lr {peak_lr:.4g}, "
-              f"crops global {tuple(sl.global_scale)} local {tuple(sl.local_scale)}, "
-              f"quantile {sl.quantile_start} -> {sl.quantile_end}", file=sys.stderr)
+        logger.info("self-labeling for %d epochs x %d steps, lr %.4g, crops global %s local %s, quantile %s -> %s",
+                    sl.epochs, steps_per_epoch, peak_lr, tuple(sl.global_scale), tuple(sl.local_scale),
+                    sl.quantile_start, sl.quantile_end)
     metrics_path = out / "metrics.jsonl"
     last: dict[str, Any] = {}
-    stop = False
+    stop = preempted = False
     skipped_in_a_row = 0
     for epoch in range(state.epoch, sl.epochs):
         model.train()
         loader, _ = _loader(dataset, cfg, first_epoch + epoch, rank, world, state.step_in_epoch)
-        sums = torch.zeros(len(SelfLabelTerms.LOGGED), dtype=torch.float64)
-        count, skipped_steps = 0, 0
+        sums, count, skipped_steps = _running_sums(epoch_sums)  # the interrupted epoch's, on resume
+        epoch_sums, count_start = None, count
         t0 = time.perf_counter()
         bar = _progress(loader, f"self-label {epoch + 1}/{sl.epochs}", progress and main,
                         initial=state.step_in_epoch, total=steps_per_epoch)
@@ -340,7 +359,7 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
                 skipped_in_a_row += 1
                 stop_if_diverged(skipped_in_a_row, cfg, msg, "the last checkpoint is intact")
                 if main:
-                    print(f"twist: {msg}; step skipped", file=sys.stderr)
+                    logger.warning("%s; step skipped", msg)
             else:
                 skipped_in_a_row = 0
                 if teacher is not None:
@@ -357,6 +376,9 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
             if max_steps is not None and state.global_step >= max_steps:
                 stop = True
                 break
+            if session is not None and session.stop.requested(device):  # SIGTERM / SIGUSR1: checkpoint, exit 143
+                stop = preempted = True
+                break
         if stop and state.step_in_epoch < steps_per_epoch:
             checkpoint()
             break
@@ -369,7 +391,8 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
         record.update({k: v for k, v in zip(SelfLabelTerms.LOGGED, means.tolist())})
         record.update({"quantile": float(quantile_schedule[state.global_step - 1]),
                        "lr": float(lr_schedule[state.global_step - 1]), "weight_decay": weight_decay,
-                       "images_per_sec": count * global_batch / max(elapsed, 1e-9), "epoch_seconds": elapsed,
+                       "images_per_sec": (count - count_start) * global_batch / max(elapsed, 1e-9),
+                       "epoch_seconds": elapsed,
                        "skipped_steps": skipped_steps})
         last_epoch = epoch + 1 == sl.epochs
         if val is not None and val.labels is not None and cfg.train.eval_every and \
@@ -384,8 +407,10 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
             append_jsonl(metrics_path, record)  # and resume drops this line, so it is never lost nor doubled
         checkpoint()
         if main:
-            print("twist: self-label " + _summary(record), file=sys.stderr)
+            logger.info("self-label %s", _summary(record))
         last = record
         if stop:
             break
+    if preempted:
+        session.stop.stop(f"self-labeling step {state.global_step}")
     return last or None

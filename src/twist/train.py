@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -36,6 +37,9 @@ from twist.inference import evaluate_model
 from twist.loss import TwistLoss
 from twist.model import TwistModel, build_model
 from twist.optim import build_optimizer, cosine_schedule, set_step_values
+from twist.session import TrainingSession
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -109,16 +113,22 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------- output folder
-def prepare_output(out: Path) -> None:
-    """Create the run folder and prove it is writable before any data is loaded."""
+def prepare_output(out: Path, session: TrainingSession | None = None) -> None:
+    """Create the run folder, lock it for ``session`` before writing anything in it (a second
+    process fails here, changing nothing), prove it is writable before any data is loaded, then
+    record the session's provenance and status (twist.session)."""
     probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if session is not None:
+            session.lock.acquire()
         with open(probe, "wb") as f:
             f.write(b"\0" * 65536)  # a little real data: a full disk fails here, not after an epoch
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
+        if session is not None:
+            session.start()
     except OSError as exc:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)  # a full disk must not keep the probe's bytes
@@ -145,8 +155,7 @@ def _report_skipped(dataset: ImageDataset, out: Path, written: int) -> int:
     entries (streamed folders add files that fail to decode during training); return its length."""
     if len(dataset.skipped) > written:
         dataset.write_skipped(out / SKIPPED_NAME)
-        print(f"twist: skipped {len(dataset.skipped)} file(s) of the data; list in {out / SKIPPED_NAME}",
-              file=sys.stderr)
+        logger.info("skipped %d file(s) of the data; list in %s", len(dataset.skipped), out / SKIPPED_NAME)
     return len(dataset.skipped)
 
 
@@ -277,10 +286,18 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         progress: show progress bars.
         max_steps: stop after this many optimiser steps in total (tests, benchmarks).
 
-    Returns the last epoch's metrics record.
+    Returns the last epoch's metrics record. Raises :class:`twist.preempt.Preempted` after
+    SIGTERM / SIGUSR1 (checkpoint written), ``RunFolderInUse`` when another process trains in
+    ``out``, TrainingError when training cannot go on. ``out`` is locked and its status kept
+    in ``status.json`` for the whole session (twist.session).
     """
+    with TrainingSession(out) as session:
+        return _train(cfg, data, Path(out), session, progress=progress, max_steps=max_steps)
+
+
+def _train(cfg: TwistConfig, data: str, out: Path, session: TrainingSession, *, progress: bool,
+           max_steps: int | None) -> dict[str, Any]:
     cfg.validate()
-    out = Path(out)
     device = resolve_device(cfg.train.device)
     tdist.init_from_env(device.type)
     rank, world = tdist.rank(), tdist.world_size()
@@ -291,7 +308,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     if device.type == "cpu":
         keep_freed_cpu_memory()
     if main:
-        prepare_output(out)
+        prepare_output(out, session)
 
     # ---- data
     image_size = cfg.train.image_size or cfg.augment.global_size
@@ -364,8 +381,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         unwrap(model).load_state_dict(ckpt["model"])
         if ckpt.get("optimizer") is None:  # imported weights (twist import): fresh optimiser and schedule
             if main:
-                print(f"twist: {ckpt_path} holds weights without optimiser state; starting a fresh optimiser",
-                      file=sys.stderr)
+                logger.info("%s holds weights without optimiser state; starting a fresh optimiser", ckpt_path)
         elif ckpt.get("stage", "twist") == "twist":  # a self-labeling checkpoint holds that stage's optimiser
             optimizer.load_state_dict(ckpt["optimizer"])
             if scaler is not None and ckpt.get("scaler"):
@@ -388,7 +404,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         if state.step_in_epoch:  # the interrupted epoch's running loss sums, so its metrics are whole
             epoch_sums = ckpt.get("epoch_sums")
         if main:
-            print(f"twist: resuming {out} from epoch {state.epoch}, step {state.global_step}", file=sys.stderr)
+            logger.info("resuming %s from epoch %d, step %d", out, state.epoch, state.global_step)
     if main:
         _write_text_atomic(out / "config.json", cfg.to_json() + "\n")
         logged = state.epoch
@@ -420,24 +436,25 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "config": cfg.to_dict(),
             "data": {"channels": dataset.channels, "mean": list(mean), "std": list(std),
                      "image_size": image_size, "class_names": dataset.class_names, "source": str(data)},
+            "provenance": session.provenance,
         }, ckpt_path)
 
     metrics_path = out / "metrics.jsonl"
-    writer = _tensorboard(out) if main else None
+    writer = _tensorboard(out) if main and cfg.train.tensorboard else None
     last: dict[str, Any] = {}
     if main:
-        print(f"twist: {len(dataset)} images, {dataset.channels}x{dataset.size[0]}x{dataset.size[1]}, "
-              f"{cfg.model.backbone} -> C={cfg.model.num_classes}, {2 + cfg.augment.num_local} views, "
-              f"batch {global_batch}, {cfg.train.epochs} epochs x {steps_per_epoch} steps, "
-              f"{device.type} {precision}, {world} process(es)", file=sys.stderr)
+        logger.info("%d images, %dx%dx%d, %s -> C=%d, %d views, batch %d, %d epochs x %d steps, %s %s, %d process(es)",
+                    len(dataset), dataset.channels, dataset.size[0], dataset.size[1], cfg.model.backbone,
+                    cfg.model.num_classes, 2 + cfg.augment.num_local, global_batch, cfg.train.epochs,
+                    steps_per_epoch, device.type, precision, world)
         hint = preset_hint(cfg, dataset.channels)
         if hint:
-            print(f"twist: note: {hint}", file=sys.stderr)
+            logger.info("note: %s", hint)
 
     n_candidates, n_trained_heads = len(unwrap(model).heads), len(unwrap(model).trained_heads)
     skipped_in_a_row = 0
     warned_collapse = False
-    stop = False
+    stop = preempted = False
     for epoch in range(state.epoch, cfg.train.epochs):
         model.train()
         loader = batch_loader(dataset, cfg.train.batch_size, shuffle=True, drop_last=True, seed=cfg.train.seed,
@@ -473,7 +490,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                 skipped_in_a_row += 1
                 stop_if_diverged(skipped_in_a_row, cfg, msg, kept)
                 if main:
-                    print(f"twist: {msg}; step skipped", file=sys.stderr)
+                    logger.warning("%s; step skipped", msg)
             else:
                 skipped_in_a_row = 0
                 if teacher is not None:
@@ -494,6 +511,9 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                 checkpoint()
             if max_steps is not None and state.global_step >= max_steps:
                 stop = True
+                break
+            if session.stop.requested(device):  # SIGTERM / SIGUSR1: checkpoint below, then exit 143
+                stop = preempted = True
                 break
         if stop and state.step_in_epoch < steps_per_epoch:
             checkpoint()
@@ -537,23 +557,24 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                     if isinstance(v, (int, float)) and k != "epoch":
                         writer.add_scalar(k, v, epoch + 1)
                 writer.flush()
-            print("twist: " + _summary(record), file=sys.stderr)
+            logger.info("%s", _summary(record))
             if not warned_collapse and predictions_collapsed(record, cfg.model.num_classes):
                 warned_collapse = True
-                print(f"twist: warning: the head's predictions are uniform (consistency {record['consistency']:.4f}, "
-                      f"sharpness {record['sharpness']:.4f} of at most ln C = {math.log(cfg.model.num_classes):.4f}): "
-                      f"training has collapsed and will not recover. Keep loss.alpha >= loss.beta "
-                      f"(now {cfg.loss.alpha} and {cfg.loss.beta}) or lower optim.lr; see docs/results.md",
-                      file=sys.stderr)
+                logger.warning(f"the head's predictions are uniform (consistency {record['consistency']:.4f}, "
+                               f"sharpness {record['sharpness']:.4f} of at most ln C = {math.log(cfg.model.num_classes):.4f}): "
+                               f"training has collapsed and will not recover. Keep loss.alpha >= loss.beta "
+                               f"(now {cfg.loss.alpha} and {cfg.loss.beta}) or lower optim.lr; see docs/results.md")
         last = record
         if stop:
             break
 
+    if preempted:
+        session.stop.stop(f"optimiser step {state.global_step}")
     if cfg.selflabel.epochs > 0 and state.epoch >= cfg.train.epochs and not stop:
         from twist.selflabel import run_selflabel
 
         last = run_selflabel(cfg, model, teacher, dataset, val, out, device, precision, mean, std,
-                             progress=progress,
+                             progress=progress, session=session,
                              max_steps=None if max_steps is None else max_steps - state.global_step) or last
     if writer is not None:
         writer.close()
@@ -685,8 +706,11 @@ class _NoBar:
 
 
 def _tensorboard(out: Path):
+    """A TensorBoard writer for ``train.tensorboard=true`` (the per-epoch scalars of
+    metrics.jsonl, under OUT/tensorboard)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: scalars stay in metrics.jsonl only
-        return None
+    except Exception as exc:
+        raise ConfigError(f"train.tensorboard=true needs the tensorboard package ({exc}); install it with "
+                          f"pip install 'twist[tensorboard]', or leave train.tensorboard off") from None
     return SummaryWriter(str(out / "tensorboard"))
