@@ -377,9 +377,9 @@ def field_help() -> dict[str, str]:
 
 def unknown_key_error(key: str, known: list[str]) -> ConfigError:
     """The error for an unknown config key: it names the nearest valid key when one is close."""
-    near = [k for k in known if "." in key and k.split(".", 1)[1] == key.split(".", 1)[1]][:1]  # wrong group
+    near = [k for k in known if "." in key and k.split(".", 1)[1] == key.split(".", 1)[1]]  # right field, wrong group
     near = near or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean '{near[0]}'? " if near else ""
+    hint = f"did you mean {' or '.join(repr(k) for k in near)}? " if near else ""
     return ConfigError(f"unknown config key '{key}'; {hint}`twist train --list-keys` lists every key with its help. "
                        f"Valid keys: {', '.join(known)}")
 
