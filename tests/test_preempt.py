@@ -264,3 +264,24 @@ def test_list_keys_prints_every_key_with_its_help(capsys):
     help_text = field_help()
     assert all(help_text[k] for k in valid_keys())  # every field has its docstring
     assert "optim.lr=0.5  # Base learning rate for a batch of 256" in lines[valid_keys().index("optim.lr")]
+
+
+def test_logging_rank_0_informs_other_ranks_warn_only(capsys):
+    import logging
+
+    from twist.logs import configure_logging
+
+    log = logging.getLogger("twist.train")
+    try:
+        for rank, verbosity in ((0, 0), (0, -1), (3, 0), (0, 1)):
+            configure_logging(verbosity, rank=rank)
+            log.debug("d")
+            log.info("i")
+            log.warning("w")
+            err = capsys.readouterr().err.splitlines()
+            prefix = "twist: " if rank == 0 else f"twist (rank {rank}): "
+            expected = {(0, 0): ["i", "warning: w"], (0, -1): ["warning: w"], (3, 0): ["warning: w"],
+                        (0, 1): ["d", "i", "warning: w"]}[(rank, verbosity)]
+            assert err == [prefix + x for x in expected]
+    finally:
+        configure_logging(0, rank=0)

@@ -54,7 +54,8 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: the previous handler was not set from Python (embedding program); SIG_DFL is the closest
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
     def _record(self, signum: int, frame) -> None:

@@ -411,6 +411,6 @@ def run_selflabel(cfg, model: nn.Module, teacher: nn.Module | None, dataset, val
         last = record
         if stop:
             break
-    if preempted:
+    if preempted and state.epoch < sl.epochs:  # else the run is done
         session.stop.stop(f"self-labeling step {state.global_step}")
     return last or None

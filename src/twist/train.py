@@ -568,7 +568,7 @@ def _train(cfg: TwistConfig, data: str, out: Path, session: TrainingSession, *, 
         if stop:
             break
 
-    if preempted:
+    if preempted and (state.epoch < cfg.train.epochs or cfg.selflabel.epochs > 0):  # else the run is done
         session.stop.stop(f"optimiser step {state.global_step}")
     if cfg.selflabel.epochs > 0 and state.epoch >= cfg.train.epochs and not stop:
         from twist.selflabel import run_selflabel
