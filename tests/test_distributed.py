@@ -293,7 +293,7 @@ def test_torchrun_style_training_and_resume(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run in (straight, resumed):
         assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == \
-            ["checkpoint.pt", "config.json", "metrics.jsonl"]
+            ["checkpoint.pt", "config.json", "metrics.jsonl", "provenance.json", "status.json"]
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in records] == [1, 2]  # one writer: no duplicated lines
         assert all(np.isfinite(r["loss"]) and 0 <= r["acc"] <= 1 and "knn_top1" in r for r in records)

@@ -2,7 +2,8 @@
 opened in headless Chromium (every image decodes, one section per shown cluster; a screenshot
 is kept in test-artifacts/).
 
-Chromium is required: CI installs it (.ci/install-chromium.sh). Without it the browser tests
+Chromium is required: the README's test command (scripts/test.sh, which .ci/run calls) installs
+it when missing (.ci/install-chromium.sh). Without it the browser tests
 FAIL with a message; set TWIST_SKIP_BROWSER=1 to skip them (reported as skipped) locally.
 """
 

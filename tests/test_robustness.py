@@ -209,8 +209,10 @@ def run_cli(capsys, args: list[str]) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def assert_user_error(rc: int, err: str, *names: str) -> str:
-    assert rc == 2, err
+def assert_user_error(rc: int, err: str, *names: str, status: int = 2) -> str:
+    """One 'twist: error:' line naming ``names``, no traceback, exit ``status`` (2: usage or data
+    error; 1: training failed, a TrainingError)."""
+    assert rc == status, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     errors = [line for line in lines if line.startswith("twist: error:")]
@@ -284,14 +286,14 @@ def test_unwritable_output_folder(tiny_npz, tmp_path, capsys):
     a_file.write_text("not a folder")
     for out in (a_file, a_file / "run"):  # the output is a file, or below one
         rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), *sets(TINY)])
-        assert_user_error(rc, err, str(out), "not writable")
+        assert_user_error(rc, err, str(out), "not writable", status=1)
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
         if os.access(locked, os.W_OK):
             return  # root ignores permissions; the cases above cover it
         rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(locked / "run"), *sets(TINY)])
-        assert_user_error(rc, err, str(locked / "run"), "not writable")
+        assert_user_error(rc, err, str(locked / "run"), "not writable", status=1)
     finally:
         locked.chmod(0o700)
 
@@ -304,7 +306,7 @@ def test_full_disk_is_found_before_training(tiny_npz, tmp_path, capsys, monkeypa
     loaded = []
     monkeypatch.setattr(twist.train, "load_dataset", lambda *a, **k: loaded.append(1))
     rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(tmp_path / "r"), *sets(TINY)])
-    assert_user_error(rc, err, str(tmp_path / "r"), "No space left")
+    assert_user_error(rc, err, str(tmp_path / "r"), "No space left", status=1)
     assert not loaded and not [p.name for p in (tmp_path / "r").iterdir()]  # the probe is cleaned up
 
 
@@ -321,7 +323,7 @@ def test_checkpoint_write_failure_stops_with_the_previous_checkpoint_intact(tiny
     out = tmp_path / "r"
     rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), "--epochs", "1", *sets(TINY),
                                "--set", "train.checkpoint_every_steps=1"])
-    assert_user_error(rc, err, "cannot write checkpoint", "No space left", "intact")
+    assert_user_error(rc, err, "cannot write checkpoint", "No space left", "intact", status=1)
     assert (out / CHECKPOINT_NAME).read_bytes() == saved[0]
 
 
@@ -346,7 +348,7 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_checkpoint(tiny_npz, t
     poison_step(monkeypatch, 3, seen)
     rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), "--epochs", "2", *sets(TINY),
                                "--set", "train.checkpoint_every_steps=2"])
-    line = assert_user_error(rc, err, "non-finite", "optimiser step 3", "epoch 1", "intact", "train.nonfinite=skip")
+    line = assert_user_error(rc, err, "non-finite", "optimiser step 3", "epoch 1", "intact", "train.nonfinite=skip", status=1)
     assert seen["checkpoint_before"] is not None
     assert (out / CHECKPOINT_NAME).read_bytes() == seen["checkpoint_before"]  # byte-identical
     assert load_checkpoint(out / CHECKPOINT_NAME)["state"]["global_step"] == 2
@@ -357,7 +359,7 @@ def test_nonfinite_stop_on_the_first_step_writes_no_checkpoint(tiny_npz, tmp_pat
     out = tmp_path / "r"
     poison_step(monkeypatch, 1, {"path": out / CHECKPOINT_NAME})
     rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), "--epochs", "1", *sets(TINY)])
-    assert_user_error(rc, err, "optimiser step 1", "no checkpoint was written")
+    assert_user_error(rc, err, "optimiser step 1", "no checkpoint was written", status=1)
     assert not (out / CHECKPOINT_NAME).exists()
 
 
@@ -396,7 +398,7 @@ def test_nonfinite_skip_stops_after_too_many_skipped_steps_in_a_row(tiny_npz, tm
     monkeypatch.setattr(twist.train, "train_step", step)
     rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(out), "--epochs", "3", *sets(TINY),
                                "--set", "train.nonfinite=skip", "--set", "train.max_skipped_in_a_row=3"])
-    assert_user_error(rc, err, "3 steps in a row", "train.max_skipped_in_a_row=3", "diverged", "intact")
+    assert_user_error(rc, err, "3 steps in a row", "train.max_skipped_in_a_row=3", "diverged", "intact", status=1)
     assert calls["n"] == 4  # one finite step, then three skipped ones
     assert (out / CHECKPOINT_NAME).read_bytes() == saved
 

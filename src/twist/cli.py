@@ -7,8 +7,11 @@
     twist import RELEASE_FILE --out RUN_DIR [--trust-pickle]
     twist export CHECKPOINT --format torchvision|timm|safetensors|detectron2 --out FILE
 
-User errors (bad options, missing files, unusable data) print one line starting with
-``twist: error:`` and exit with status 2; no traceback.
+Exit status (docs/robustness.md): 0 done; 1 training failed (TrainingError: diverged, cannot
+write); 2 a usage or data error (bad options, missing files, unusable data, a run folder in
+use); 130 interrupted (Ctrl-C); 143 pre-empted (SIGTERM / SIGUSR1) after a clean checkpoint.
+Errors print one line starting with ``twist: error:``; no traceback. Status messages go through
+``logging`` (twist.logs), configured here once: ``-v`` for more, ``-q`` for warnings only.
 """
 
 from __future__ import annotations
@@ -29,9 +32,38 @@ DATA_HELP = ("'digits' (built in, no download), an .npz file with x (N,H,W,C uin
 def _user_errors() -> tuple[type[BaseException], ...]:
     from twist.checkpoint import CheckpointError
     from twist.data import DataError
-    from twist.train import TrainingError
+    from twist.runlock import RunFolderInUse
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError, PermissionError)
+    return (ConfigError, DataError, CheckpointError, RunFolderInUse, FileNotFoundError, PermissionError)
+
+
+class _VersionAction(argparse.Action):
+    """``twist --version``: versions and the git commit are looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from twist.provenance import version_line
+
+        print(version_line())
+        parser.exit(0)
+
+
+def _add_common_options(parser: argparse.ArgumentParser, commands: argparse._SubParsersAction) -> None:
+    """--version on ``twist``; -v / -q (message verbosity) on every command."""
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print twist's version (and git commit), torch's and CUDA's, then exit")
+    for command in commands.choices.values():
+        group = command.add_mutually_exclusive_group()
+        group.add_argument("-v", "--verbose", action="store_true", help="more messages (debug)")
+        group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only; no progress bars")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: in a log file their redraws would bury the messages
+    (training then logs one line per epoch)."""
+    return not (args.no_progress or args.quiet) and sys.stderr.isatty()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "across augmentations, sharp per image and diverse across the batch; get an unsupervised "
                     "classifier and a pretrained backbone.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_command(sub)
     _add_eval_command(sub)
     _add_predict_command(sub)
     _add_report_command(sub)
     _add_import_command(sub)
     _add_export_command(sub)
+    _add_common_options(parser, sub)
     return parser
 
 
@@ -73,9 +105,9 @@ def _add_train_command(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.3 --set augment.num_local=4 (repeatable)")
-    p.add_argument("--config", default=None, help="a config.json (from an earlier run) to start from instead of a preset")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    p.add_argument("--list-keys", action="store_true", help="print every settable key with its default and exit")
+    p.add_argument("--config", default=None, help="YAML or JSON file (e.g. a run's config.json) to start from; --set overrides it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (shown only when stderr is a terminal)")
+    p.add_argument("--list-keys", action="store_true", help="print every settable key with its default and help, then exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved configuration (JSON, stdout) and the batch / schedule summary (stderr), "
                         "then exit without training")
@@ -222,13 +254,7 @@ def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
         # a run folder being resumed (or holding an imported release model) keeps its own configuration
         args.config = str(Path(args.out) / "config.json")
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config file not found: {path}")
-        try:
-            cfg = TwistConfig.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
+        cfg = TwistConfig.from_dict(read_config_file(Path(args.config)))
     else:
         preset = args.preset or ("digits" if args.data == "digits" else "cifar10")
         cfg = get_preset(preset)
@@ -238,13 +264,41 @@ def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
     return cfg.validate()
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A --config file as a dict of groups: YAML (.yaml / .yml) or JSON (anything else),
+    e.g. ``train: {epochs: 50}`` or an earlier run's config.json."""
+    if not path.is_file():
+        raise ConfigError(f"--config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of groups (e.g. train: {{epochs: 50}}), "
+                          f"got {type(data).__name__}")
+    return data
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.list_keys:
+        from twist.config import field_help
+
         cfg = get_preset(args.preset) if args.preset else TwistConfig()
+        docs = field_help()
         for group, values in cfg.to_dict().items():
             if isinstance(values, dict):
                 for key, value in values.items():
-                    print(f"{group}.{key}={value}")
+                    text = docs.get(f"{group}.{key}")
+                    print(f"{group}.{key}={value}" + (f"  # {text}" if text else ""))
         return 0
     cfg = resolve_train_config(args)
     out = Path(args.out) if args.out else Path("runs") / cfg.preset
@@ -254,7 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from twist.train import train
 
-    record = train(cfg, args.data, out, progress=not args.no_progress)
+    record = train(cfg, args.data, out, progress=_progress(args))
     from twist.distributed import is_main_process
 
     if is_main_process():  # under torchrun every process returns here; one summary is enough
@@ -422,10 +476,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     train_ds, test_ds, split_info = split_for_eval(
         args.data, train_data=args.train_data, image_size=eval_image_size(trained, args.recipe), split=args.split,
         train_split=args.train_split, test_fraction=args.test_fraction, seed=args.split_seed,
-        progress=not args.no_progress)
+        progress=_progress(args))
     out_dir = Path(args.out_dir) if args.out_dir else default_eval_dir(trained.path)
     results = run_protocols(trained, train_ds, test_ds, protocols, out_dir=out_dir, options=options,
-                            progress=not args.no_progress,
+                            progress=_progress(args),
                             extra={"checkpoint": str(args.checkpoint), "split": split_info})
     if args.json:
         print(json.dumps(results))
@@ -450,7 +504,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint, device=args.device, trust_pickle=args.trust_pickle)
     res = predict(trained, args.images, args.out, embeddings=args.embeddings, batch_size=args.batch_size,
                   split=args.split, num_workers=args.num_workers, bad_files=args.bad_files,
-                  progress=not args.no_progress)
+                  progress=_progress(args))
     print(f"{res['num_images']} predictions -> {res['csv']}" + (f", embeddings -> {res['embeddings']}"
                                                                if res["embeddings"] else ""))
     print(f"clusters used: {res['clusters_used']} of {len(res['cluster_counts'])}"
@@ -465,7 +519,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else resolve_checkpoint(args.run).parent / "report"
     res = report(args.run, args.data, out, per_cluster=args.per_cluster, max_clusters=args.max_clusters,
                  embed_images=not args.thumbs_as_files, batch_size=args.batch_size, device=args.device,
-                 split=args.split, trust_pickle=args.trust_pickle, progress=not args.no_progress)
+                 split=args.split, trust_pickle=args.trust_pickle, progress=_progress(args))
     print(f"report -> {res['html']} ({res['num_images']} images, {res['clusters_shown']} cluster sections)")
     return 0
 
@@ -495,10 +549,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
+    from twist.logs import configure_logging
+    from twist.preempt import PREEMPTED_EXIT_CODE, Preempted
+    from twist.train import TrainingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(int(args.verbose) - int(args.quiet))
     try:
         return int(args.func(args) or 0)
+    except Preempted as exc:
+        print(f"twist: {' '.join(str(exc).split())}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except TrainingError as exc:
+        print("twist: error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # always one line
+        return 1
     except _user_errors() as exc:
         print("twist: error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # always one line
         return 2

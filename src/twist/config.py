@@ -9,7 +9,11 @@ a bad value is reported before any data is loaded or any file is written.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import functools
+import inspect
 import json
 import math
 import typing
@@ -93,9 +97,13 @@ class AugmentConfig:
     jitter_p: float = 0.8
     """Probability of colour jitter."""
     brightness: float = 0.4
+    """Colour jitter: brightness factor drawn from [1 - b, 1 + b]."""
     contrast: float = 0.4
+    """Colour jitter: contrast factor drawn from [1 - c, 1 + c]."""
     saturation: float = 0.2
+    """Colour jitter: saturation factor drawn from [1 - s, 1 + s] (RGB data only)."""
     hue: float = 0.1
+    """Colour jitter: hue shift drawn from [-h, h], in turns (RGB data only)."""
     grayscale_p: float = 0.2
     """Probability of converting to grayscale (RGB data only)."""
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
@@ -131,6 +139,7 @@ class OptimConfig:
     weight_decay_end: float | None = None
     """Weight decay at the end (cosine schedule); None keeps it constant."""
     momentum: float = 0.9
+    """SGD / LARS momentum."""
     lars_eta: float = 1e-3
     """LARS trust coefficient."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -146,6 +155,7 @@ class EMAConfig:
     momentum: float = 0.996
     """Teacher momentum at the start; it follows a cosine to momentum_end."""
     momentum_end: float = 1.0
+    """Teacher momentum at the end of the TWIST stage (kept through self-labeling)."""
 
 
 @dataclass
@@ -155,24 +165,31 @@ class SelfLabelConfig:
     lr: float = 0.05
     """Base learning rate for a batch of 256 in the self-labeling stage."""
     warmup_epochs: float = 5.0
+    """Linear warm-up of the self-labeling learning rate from 0, in epochs."""
     quantile_start: float = 0.5
     """Confidence threshold = this quantile of the batch's max-probabilities, at the start."""
     quantile_end: float = 0.6
+    """The same quantile at the end of the stage (cosine from quantile_start)."""
     global_scale: tuple[float, float] = (0.14, 1.0)
+    """Area range of the global crops during self-labeling (harder than TWIST's)."""
     local_scale: tuple[float, float] = (0.05, 0.14)
+    """Area range of the local crops during self-labeling."""
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    """Epochs of the TWIST stage (the self-labeling stage, if any, comes after)."""
     batch_size: int = 256
     """Images per optimiser step on each process (the global batch is this x world size)."""
     seed: int = 0
+    """Seed of the initial weights, the data order and the augmentations."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     precision: str = "auto"
     """auto (bf16 where supported), bf16, fp16 (GPU, with a GradScaler), fp32."""
     channels_last: bool = True
+    """Channels-last memory format for the model and the views (faster convolutions)."""
     compile: bool = False
     """torch.compile the model (only when it compiles and pays on the device)."""
     num_workers: int = 0
@@ -180,6 +197,7 @@ class TrainConfig:
     eval_every: int = 1
     """Evaluate cluster metrics and kNN every N epochs when labels exist (0 = never)."""
     eval_batch_size: int = 512
+    """Batch size of the per-epoch evaluation's feature extraction."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every N optimiser steps (0 = once per epoch only)."""
     nonfinite: str = "stop"
@@ -196,7 +214,10 @@ class TrainConfig:
     val_data: str = ""
     """Held-out data for per-epoch metrics; empty = the training data when it has labels."""
     log_every: int = 10
-    """Steps between progress-bar/TensorBoard updates."""
+    """Steps between progress-bar updates."""
+    tensorboard: bool = False
+    """Also write the per-epoch metrics as TensorBoard scalars to OUT/tensorboard (needs the
+    tensorboard package: pip install 'twist[tensorboard]'). metrics.jsonl is always written."""
 
 
 @dataclass
@@ -302,7 +323,9 @@ class TwistConfig:
                 cfg.preset = str(value)
                 continue
             if key not in _GROUPS:
-                raise ConfigError(f"unknown config group '{key}'; valid groups: {', '.join(_GROUPS)}")
+                near = difflib.get_close_matches(key, _GROUPS, n=1)
+                raise ConfigError(f"unknown config group '{key}'; " + (f"did you mean '{near[0]}'? " if near else "")
+                                  + f"valid groups: {', '.join(_GROUPS)}")
             if not isinstance(value, dict):
                 raise ConfigError(f"config group '{key}' must be a mapping")
             for name, v in value.items():
@@ -331,6 +354,34 @@ def valid_keys(cfg: TwistConfig | None = None) -> list[str]:
         for f in dataclasses.fields(getattr(cfg, group)):
             keys.append(f"{group}.{f.name}")
     return keys
+
+
+@functools.lru_cache(maxsize=None)
+def field_help() -> dict[str, str]:
+    """Help text of every 'group.field' key: the docstring written under the field in its
+    dataclass (the one place a field is documented; ``twist train --list-keys`` prints it).
+    Keys without a docstring map to ''."""
+    docs: dict[str, str] = {}
+    for group in _GROUPS:
+        cls = type(getattr(TwistConfig(), group))
+        try:
+            body = ast.parse(inspect.cleandoc("\n" + inspect.getsource(cls))).body[0].body
+        except (OSError, TypeError, SyntaxError):  # no source (frozen install): no help text
+            body = []
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                    isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[f"{group}.{node.target.id}"] = " ".join(after.value.value.split())
+    return {key: docs.get(key, "") for key in valid_keys()}
+
+
+def unknown_key_error(key: str, known: list[str]) -> ConfigError:
+    """The error for an unknown config key: it names the nearest valid key when one is close."""
+    near = [k for k in known if "." in key and k.split(".", 1)[1] == key.split(".", 1)[1]]  # right field, wrong group
+    near = near or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(k) for k in near)}? " if near else ""
+    return ConfigError(f"unknown config key '{key}'; {hint}`twist train --list-keys` lists every key with its help. "
+                       f"Valid keys: {', '.join(known)}")
 
 
 def _field_type(group_obj: Any, name: str) -> Any:
@@ -391,11 +442,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def set_field(cfg: TwistConfig, key: str, value: Any) -> None:
     """Set 'group.field' on cfg, converting value to the field's type."""
-    if "." not in key:
-        raise ConfigError(f"unknown config key '{key}'; keys look like group.field, e.g. optim.lr. Valid keys: {', '.join(valid_keys(cfg))}")
-    group, name = key.split(".", 1)
+    group, _, name = key.partition(".")
     if group not in _GROUPS or name not in {f.name for f in dataclasses.fields(getattr(cfg, group))}:
-        raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(valid_keys(cfg))}")
+        raise unknown_key_error(key, valid_keys(cfg))
     obj = getattr(cfg, group)
     setattr(obj, name, _coerce(value, _field_type(obj, name), key))
 

@@ -51,7 +51,7 @@ this stage when it resumes, and this stage resumes where it stopped. Metrics go 
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -67,6 +67,8 @@ from twist.stage import Run, RunState, Stage, StageRunner, compiled, restore_rng
 
 __all__ = ["selflabel_loss", "SelfLabelLoss", "SelfLabelTerms", "selection_threshold", "run_selflabel", "SelfLabelStage",
            "STAGE"]
+
+logger = logging.getLogger(__name__)
 
 STAGE = "selflabel"
 """Value of ``checkpoint["stage"]`` and of ``"stage"`` in metrics records of this stage."""
@@ -308,15 +310,14 @@ def run_selflabel(run: Run, model: nn.Module, teacher: nn.Module | None, twist_s
         if state.step_in_epoch:  # older checkpoints have no sums: the epoch's means then start afresh
             epoch_sums = resume_from.get("epoch_sums")
         if run.main:
-            print(f"twist: resuming self-labeling in {run.out} from epoch {state.epoch}, step {state.global_step}",
-                  file=sys.stderr)
+            logger.info("resuming self-labeling in %s from epoch %d, step %d", run.out, state.epoch, state.global_step)
     if state.epoch >= sl.epochs:
         return None
     runner = StageRunner(run, stage, state, epoch_sums=epoch_sums, max_steps=max_steps)
     if run.main:
-        print(f"twist: self-labeling for {sl.epochs} epochs x {runner.steps_per_epoch} steps, lr {stage.peak_lr:.4g}, "
-              f"crops global {tuple(sl.global_scale)} local {tuple(sl.local_scale)}, "
-              f"quantile {sl.quantile_start} -> {sl.quantile_end}", file=sys.stderr)
+        logger.info("self-labeling for %d epochs x %d steps, lr %.4g, crops global %s local %s, quantile %s -> %s",
+                    sl.epochs, runner.steps_per_epoch, stage.peak_lr, tuple(sl.global_scale), tuple(sl.local_scale),
+                    sl.quantile_start, sl.quantile_end)
     last: dict[str, Any] = {}
     for epoch in range(state.epoch, sl.epochs):
         record = runner.train_one_epoch(epoch)
@@ -324,4 +325,6 @@ def run_selflabel(run: Run, model: nn.Module, teacher: nn.Module | None, twist_s
             last = record
         if runner.stopped:
             break
+    if runner.preempted and state.epoch < sl.epochs:  # else the run is done
+        run.session.stop.stop(f"self-labeling step {state.global_step}")
     return last or None

@@ -13,7 +13,9 @@ every stage, so that the stages cannot drift apart:
 - checkpoints every ``train.checkpoint_every_steps`` steps, at the end of every epoch and when
   ``max_steps`` stops a run mid-epoch; a checkpoint that cannot be written (disk full) ends the
   run with one line, the previous checkpoint intact;
-- progress bars.
+- progress bars;
+- stop signals (SIGTERM / SIGUSR1, :mod:`twist.preempt`): the stage ends after the current
+  step with a checkpoint, ``preempted`` set; the run then raises ``Preempted`` (exit 143).
 
 Resume is shared too: :func:`read_resume_checkpoint` (read without executing code, the same
 dict on every rank, refused with one line when this run cannot continue from it),
@@ -25,9 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +40,14 @@ from torch import nn
 
 from twist import distributed as tdist
 from twist.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from twist.config import TwistConfig
+from twist.config import ConfigError, TwistConfig
 from twist.data import ImageDataset, batch_loader
 from twist.inference import evaluate_model
 from twist.io import stale_temporaries, write_text_atomic
 from twist.runtime import autocast_context, unwrap
+from twist.session import TrainingSession
+
+logger = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 SKIPPED_NAME = "skipped_files.tsv"
@@ -81,8 +86,11 @@ class Run:
     eval_transform: Any
     data_info: dict[str, Any]
     """The checkpoint's "data" entry: channels, normalisation, image size, class names, source."""
+    session: TrainingSession | None = None
+    """The run folder's lock, provenance, status and stop signals (twist.session); None for
+    callers that train without one (benchmarks)."""
     writer: Any = None
-    """TensorBoard SummaryWriter (rank 0, when tensorboard is installed)."""
+    """TensorBoard SummaryWriter (rank 0, with train.tensorboard)."""
     skipped_written: int = 0
     """Entries of the dataset's skipped list already in OUT/skipped_files.tsv."""
 
@@ -167,6 +175,8 @@ class StageRunner:
         self.max_steps = max_steps
         self.steps_per_epoch = len(run.loader(stage.loader_epoch_offset))
         self.stopped = False
+        self.preempted = False
+        """Stopped by SIGTERM / SIGUSR1 (checkpoint written); the caller ends the run."""
         self.skipped_in_a_row = 0
         self.sums = torch.zeros(stage.num_logged, dtype=torch.float64)
         self.count = self.skipped_steps = 0
@@ -194,6 +204,9 @@ class StageRunner:
                 self.checkpoint()
             if self.max_steps is not None and state.global_step >= self.max_steps:
                 self.stopped = True
+                break
+            if run.session is not None and run.session.stop.requested(run.device):  # every rank, same step
+                self.stopped = self.preempted = True
                 break
         if self.stopped and state.step_in_epoch < self.steps_per_epoch:
             self.checkpoint()
@@ -230,7 +243,7 @@ class StageRunner:
         self.skipped_in_a_row += 1
         stop_if_diverged(self.skipped_in_a_row, cfg, msg, kept)
         if self.run.main:
-            print(f"twist: {msg}; step skipped", file=sys.stderr)
+            logger.warning("%s; step skipped", msg)
         return terms
 
     def _end_epoch(self, epoch: int, elapsed: float, count_start: int) -> dict[str, Any]:
@@ -260,7 +273,7 @@ class StageRunner:
                     if isinstance(v, (int, float)) and k not in ("epoch", "selflabel_epoch"):
                         run.writer.add_scalar(stage.tensorboard_prefix + k, v, record["epoch"])
                 run.writer.flush()
-            print("twist: " + stage.summary_prefix + summary(record), file=sys.stderr)
+            logger.info("%s%s", stage.summary_prefix, summary(record))
         return record
 
     def checkpoint(self) -> None:
@@ -276,7 +289,9 @@ class StageRunner:
             return
         epoch_sums = {"sums": saved_sums.clone(), "count": self.count, "skipped_steps": self.skipped_steps} \
             if state.step_in_epoch else None
-        save_checkpoint_or_stop(self.stage.checkpoint_payload(state, rng, epoch_sums), run.checkpoint_path)
+        payload = self.stage.checkpoint_payload(state, rng, epoch_sums)
+        payload["provenance"] = run.session.provenance if run.session is not None else None
+        save_checkpoint_or_stop(payload, run.checkpoint_path)
 
 
 # ---------------------------------------------------------------------- one optimiser step
@@ -482,16 +497,22 @@ def sweep_stale_temporaries(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------- run folder and logs
-def prepare_output(out: Path) -> None:
-    """Create the run folder and prove it is writable before any data is loaded."""
+def prepare_output(out: Path, session: TrainingSession | None = None) -> None:
+    """Create the run folder, lock it for ``session`` before writing anything in it (a second
+    process fails here, changing nothing), prove it is writable before any data is loaded, then
+    record the session's provenance and status (twist.session)."""
     probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if session is not None:
+            session.lock.acquire()
         with open(probe, "wb") as f:
             f.write(b"\0" * 65536)  # a little real data: a full disk fails here, not after an epoch
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
+        if session is not None:
+            session.start()
     except OSError as exc:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)  # a full disk must not keep the probe's bytes
@@ -518,8 +539,7 @@ def report_skipped(dataset: ImageDataset, out: Path, written: int) -> int:
     entries (streamed folders add files that fail to decode during training); return its length."""
     if len(dataset.skipped) > written:
         dataset.write_skipped(out / SKIPPED_NAME)
-        print(f"twist: skipped {len(dataset.skipped)} file(s) of the data; list in {out / SKIPPED_NAME}",
-              file=sys.stderr)
+        logger.info("skipped %d file(s) of the data; list in %s", len(dataset.skipped), out / SKIPPED_NAME)
     return len(dataset.skipped)
 
 
@@ -557,9 +577,11 @@ class NoBar:
 
 
 def tensorboard(out: Path):
-    """A TensorBoard writer into OUT/tensorboard, or None when tensorboard is not installed."""
+    """A TensorBoard writer for ``train.tensorboard=true`` (the per-epoch scalars of
+    metrics.jsonl, under OUT/tensorboard)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: scalars stay in metrics.jsonl only
-        return None
+    except Exception as exc:
+        raise ConfigError(f"train.tensorboard=true needs the tensorboard package ({exc}); install it with "
+                          f"pip install 'twist[tensorboard]', or leave train.tensorboard off") from None
     return SummaryWriter(str(out / "tensorboard"))

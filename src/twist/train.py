@@ -18,8 +18,8 @@ continues where it stopped.
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,12 @@ from twist.model import build_model
 from twist.optim import build_optimizer, cosine_schedule, set_step_values
 from twist.runtime import keep_freed_cpu_memory, resolve_device, resolve_precision, seed_everything, unwrap
 from twist.selflabel import STAGE as SELFLABEL, run_selflabel
+from twist.session import TrainingSession
 from twist.stage import (METRICS_NAME, SKIPPED_NAME, Run, RunState, Stage, StageRunner, TrainingError, compiled,
                          drop_unsaved_metrics, prepare_output, read_resume_checkpoint, report_skipped, restore_rng,
                          sweep_stale_temporaries, tensorboard, train_step)
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["train", "TwistStage", "TwistStep", "TrainingError", "train_step", "preset_hint", "predictions_collapsed"]
 
@@ -55,15 +58,25 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         progress: show progress bars.
         max_steps: stop after this many optimiser steps in total (tests, benchmarks).
 
-    Returns the last epoch's metrics record.
+    Returns the last epoch's metrics record. Raises :class:`twist.preempt.Preempted` after
+    SIGTERM / SIGUSR1 (checkpoint written), ``RunFolderInUse`` when another process trains in
+    ``out``, TrainingError when training cannot go on. ``out`` is locked and its status kept
+    in ``status.json`` for the whole session (twist.session).
     """
     cfg.validate()
-    run = start_run(cfg, str(data), Path(out), progress)
+    with TrainingSession(out) as session:
+        return train_session(cfg, str(data), Path(out), session, progress=progress, max_steps=max_steps)
+
+
+def train_session(cfg: TwistConfig, data: str, out: Path, session: TrainingSession, *, progress: bool,
+                  max_steps: int | None) -> dict[str, Any]:
+    """:func:`train` inside its session: set-up, resume, the TWIST epochs, self-labeling, end."""
+    run = start_run(cfg, data, out, progress, session)
     model, teacher = build_networks(cfg, run)
     stage = TwistStage(run, model, teacher)
     state, epoch_sums, selflabel_checkpoint = resume(run, stage)
     runner = StageRunner(run, stage, state, epoch_sums=epoch_sums, max_steps=max_steps)
-    run.writer = tensorboard(run.out) if run.main else None
+    run.writer = tensorboard(run.out) if run.main and cfg.train.tensorboard else None
     announce(run, runner.steps_per_epoch)
 
     last: dict[str, Any] = {}
@@ -76,6 +89,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         if runner.stopped:
             break
 
+    if runner.preempted and (state.epoch < cfg.train.epochs or cfg.selflabel.epochs > 0):  # else the run is done
+        session.stop.stop(f"optimiser step {state.global_step}")
     if cfg.selflabel.epochs > 0 and state.epoch >= cfg.train.epochs and not runner.stopped:
         last = run_selflabel(run, model, teacher, vars(state), resume_from=selflabel_checkpoint,
                              max_steps=None if max_steps is None else max_steps - state.global_step) or last
@@ -86,9 +101,9 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
 
 # ---------------------------------------------------------------------- set-up
-def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool) -> Run:
-    """Device, processes and precision; the run folder (proved writable before any data is
-    loaded); the training and validation data and their normalisation."""
+def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool, session: TrainingSession | None = None) -> Run:
+    """Device, processes and precision; the run folder (locked for ``session`` and proved
+    writable before any data is loaded); the training and validation data and their normalisation."""
     device = resolve_device(cfg.train.device)
     tdist.init_from_env(device.type)
     rank, world = tdist.rank(), tdist.world_size()
@@ -98,7 +113,7 @@ def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool) -> Run:
     if device.type == "cpu":
         keep_freed_cpu_memory()
     if rank == 0:
-        prepare_output(out)
+        prepare_output(out, session)
 
     image_size = cfg.train.image_size or cfg.augment.global_size
     dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files,
@@ -120,7 +135,7 @@ def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool) -> Run:
                  "class_names": dataset.class_names, "source": data}
     return Run(cfg=cfg, out=out, device=device, precision=precision, rank=rank, world=world, progress=progress,
                dataset=dataset, val=val, eval_transform=EvalTransform(cfg.augment.global_size, dataset.channels, mean, std),
-               data_info=data_info, skipped_written=skipped_written)
+               data_info=data_info, skipped_written=skipped_written, session=session)
 
 
 def build_networks(cfg: TwistConfig, run: Run) -> tuple[nn.Module, nn.Module | None]:
@@ -161,7 +176,7 @@ def resume(run: Run, stage: TwistStage) -> tuple[RunState, dict[str, Any] | None
         if state.step_in_epoch:  # the interrupted epoch's running loss sums, so its metrics are whole
             epoch_sums = ckpt.get("epoch_sums")
         if run.main:
-            print(f"twist: resuming {out} from epoch {state.epoch}, step {state.global_step}", file=sys.stderr)
+            logger.info("resuming %s from epoch %d, step %d", out, state.epoch, state.global_step)
     if run.main:
         write_text_atomic(out / "config.json", cfg.to_json() + "\n")
         logged = state.epoch
@@ -190,13 +205,13 @@ def announce(run: Run, steps_per_epoch: int) -> None:
     if not run.main:
         return
     cfg, ds = run.cfg, run.dataset
-    print(f"twist: {len(ds)} images, {ds.channels}x{ds.size[0]}x{ds.size[1]}, "
-          f"{cfg.model.backbone} -> C={cfg.model.num_classes}, {2 + cfg.augment.num_local} views, "
-          f"batch {cfg.train.batch_size * run.world}, {cfg.train.epochs} epochs x {steps_per_epoch} steps, "
-          f"{run.device.type} {run.precision}, {run.world} process(es)", file=sys.stderr)
+    logger.info("%d images, %dx%dx%d, %s -> C=%d, %d views, batch %d, %d epochs x %d steps, %s %s, %d process(es)",
+                len(ds), ds.channels, ds.size[0], ds.size[1], cfg.model.backbone, cfg.model.num_classes,
+                2 + cfg.augment.num_local, cfg.train.batch_size * run.world, cfg.train.epochs, steps_per_epoch,
+                run.device.type, run.precision, run.world)
     hint = preset_hint(cfg, ds.channels)
     if hint:
-        print(f"twist: note: {hint}", file=sys.stderr)
+        logger.info("note: %s", hint)
 
 
 def warn_if_collapsed(run: Run, record: dict[str, Any]) -> bool:
@@ -204,11 +219,10 @@ def warn_if_collapsed(run: Run, record: dict[str, Any]) -> bool:
     cfg = run.cfg
     if not (run.main and predictions_collapsed(record, cfg.model.num_classes)):
         return False
-    print(f"twist: warning: the head's predictions are uniform (consistency {record['consistency']:.4f}, "
-          f"sharpness {record['sharpness']:.4f} of at most ln C = {math.log(cfg.model.num_classes):.4f}): "
-          f"training has collapsed and will not recover. Keep loss.alpha >= loss.beta "
-          f"(now {cfg.loss.alpha} and {cfg.loss.beta}) or lower optim.lr; see docs/results.md",
-          file=sys.stderr)
+    logger.warning("the head's predictions are uniform (consistency %.4f, sharpness %.4f of at most ln C = %.4f): "
+                   "training has collapsed and will not recover. Keep loss.alpha >= loss.beta (now %s and %s) or "
+                   "lower optim.lr; see docs/results.md", record["consistency"], record["sharpness"],
+                   math.log(cfg.model.num_classes), cfg.loss.alpha, cfg.loss.beta)
     return True
 
 
@@ -285,8 +299,8 @@ class TwistStage(Stage):
         unwrap(self.model).load_state_dict(ckpt["model"])
         if ckpt.get("optimizer") is None:  # imported weights (twist import): fresh optimiser and schedule
             if self.run.main:
-                print(f"twist: {self.run.checkpoint_path} holds weights without optimiser state; starting a fresh "
-                      f"optimiser", file=sys.stderr)
+                logger.info("%s holds weights without optimiser state; starting a fresh optimiser",
+                            self.run.checkpoint_path)
         elif ckpt.get("stage", "twist") == "twist":  # a self-labeling checkpoint holds that stage's optimiser
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scaler is not None and ckpt.get("scaler"):
