@@ -31,7 +31,7 @@ from twist import distributed as tdist
 from twist.augment import EvalTransform, MultiCropAugment, dataset_stats
 from twist.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from twist.config import ConfigError, TwistConfig
-from twist.data import ImageDataset, batch_loader, load_dataset
+from twist.data import ImageDataset, ViewPlan, batch_loader, load_dataset
 from twist.inference import evaluate_model
 from twist.loss import TwistLoss
 from twist.model import TwistModel, build_model
@@ -295,8 +295,14 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
     # ---- data
     image_size = cfg.train.image_size or cfg.augment.global_size
+    # streamed photo folders: listed once (index kept in the run folder), views cut at decode time
+    # from the original photos (train.image_size then only sizes in-memory data), centre crops for evaluation
     dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files,
-                           max_memory_gb=cfg.train.max_memory_gb, progress=progress and main)
+                           max_memory_gb=cfg.train.max_memory_gb, progress=progress and main, scan=cfg.train.scan,
+                           index_path=out / DATA_INDEX_NAME if main else None, crop_size=cfg.augment.global_size)
+    view_plan = ViewPlan.multicrop(cfg.augment.global_size, cfg.augment.local_size, cfg.augment.num_local,
+                                   cfg.augment.global_scale, cfg.augment.local_scale, cfg.augment.ratio,
+                                   cfg.augment.interpolation, cfg.train.seed)
     skipped_written = 0
     if main:
         if not dataset.skipped and (out / SKIPPED_NAME).exists():
@@ -308,8 +314,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     val = dataset
     if cfg.train.val_data:
         val = load_dataset(cfg.train.val_data, "test", image_size=image_size, bad_files=cfg.train.bad_files,
-                           max_memory_gb=cfg.train.max_memory_gb, progress=False)
-    mean, std = dataset_stats(dataset.images) if dataset.in_memory else ([0.5] * dataset.channels, [0.25] * dataset.channels)
+                           max_memory_gb=cfg.train.max_memory_gb, progress=False, crop_size=cfg.augment.global_size)
+    mean, std = data_mean_std(cfg, dataset)
 
     # ---- model, loss, augmentation
     seed_everything(cfg.train.seed)  # same initial weights on every process
@@ -442,7 +448,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         model.train()
         loader = batch_loader(dataset, cfg.train.batch_size, shuffle=True, drop_last=True, seed=cfg.train.seed,
                               epoch=epoch, rank=rank, world_size=world, num_workers=cfg.train.num_workers,
-                              start_batch=state.step_in_epoch)
+                              start_batch=state.step_in_epoch, views=view_plan)
         # running sums of loss, consistency, sharpness, diversity (+ the other heads' losses)
         sums = torch.zeros(4 + n_trained_heads - 1, dtype=torch.float64)
         count, skipped_steps = 0, 0
@@ -457,7 +463,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         for images, _ in bar:
             it = state.global_step
             set_step_values(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
-            images = images.to(device, non_blocking=True)
+            images = [v.to(device, non_blocking=True) for v in images] if isinstance(images, list) \
+                else images.to(device, non_blocking=True)  # a list: views cut at decode time
             views = [v.contiguous(memory_format=memory_format) for v in augment(images, aug_gen)]
             buffers = _snapshot_buffers(model, teacher) if cfg.train.nonfinite == "skip" else []
             terms, finite = train_step(forward_model, criterion, optimizer, views, device=device, precision=precision,
@@ -559,6 +566,22 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         writer.close()
     tdist.barrier()  # no rank leaves before rank 0 has written its last files
     return last
+
+
+DATA_INDEX_NAME = "data_index.json"
+"""Run-folder list of a streamed folder's images (twist.data.listing), so a resume lists nothing."""
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+"""ImageNet's per-channel statistics, as the release normalises (train.normalize=imagenet)."""
+
+
+def data_mean_std(cfg: TwistConfig, dataset: ImageDataset) -> tuple[list[float], list[float]]:
+    """The normalisation of the run: ImageNet's (train.normalize=imagenet, the release presets;
+    RGB only), else the data's own: exact for data in memory, estimated from a seeded sample of
+    500 evaluation crops for streamed folders (stored in the checkpoint with the weights)."""
+    if cfg.train.normalize == "imagenet" and dataset.channels == 3:
+        return list(IMAGENET_MEAN_STD[0]), list(IMAGENET_MEAN_STD[1])
+    return dataset_stats(dataset.images if dataset.in_memory else dataset.sample_images(500, cfg.train.seed))
 
 
 def stop_if_diverged(skipped_in_a_row: int, cfg: TwistConfig, msg: str, kept: str) -> None:

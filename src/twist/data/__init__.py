@@ -82,6 +82,7 @@ image index) so that evaluation can drop duplicates: see :func:`padding_mask` an
 :func:`real_indices`. With one process nothing is ever padded.
 """
 
+from twist.data.crops import ViewPlan
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import display_path
 from twist.data.folder import IMAGE_EXTENSIONS
@@ -90,6 +91,7 @@ from twist.data.sources import load_dataset
 
 __all__ = [
     "DataError",
+    "ViewPlan",
     "ImageDataset",
     "BatchLoader",
     "load_dataset",

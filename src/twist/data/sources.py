@@ -31,12 +31,21 @@ def load_dataset(
     progress: bool = True,
     *,
     max_pixels: int | None = None,
+    scan: str = "list",
+    index_path: str | os.PathLike | None = None,
+    crop_size: int = 0,
 ) -> ImageDataset:
     """Load ``spec`` ('digits', a .npz file, a folder of .npz splits or an image folder).
 
     See the module docstring for the sources, conversions and policies. ``max_pixels`` is the
     decompression-bomb limit for folder images (None = PIL's ``Image.MAX_IMAGE_PIXELS``).
+    Streamed folders only: ``scan`` 'list' (names only; bad files found when decoded) or 'full'
+    (every header checked first); ``index_path`` keeps the list there for the next load;
+    ``crop_size`` > 0 makes their batches the evaluation crops of photos (shorter side resized
+    to round(crop_size / 0.875), centre crop_size square).
     """
+    if scan not in ("list", "full"):
+        raise DataError(f"scan must be 'list' or 'full', got {scan!r}")
     if bad_files not in ("skip", "stop"):
         raise DataError(f"bad_files must be 'skip' or 'stop', got {bad_files!r}")
     if image_size < 0:
@@ -60,7 +69,8 @@ def load_dataset(
             if npz:
                 ds = _load_npz_split_dir(path, npz, split)
             else:
-                ds = load_folder(path, image_size, bad_files, max_memory_gb, progress, max_pixels)
+                ds = load_folder(path, image_size, bad_files, max_memory_gb, progress, max_pixels, scan=scan,
+                                 index_path=os.fspath(index_path) if index_path else None, crop_size=crop_size)
         elif path.lower().endswith(".npz"):
             ds = _load_npz_files([path], _stem(path), os.path.dirname(os.path.abspath(path)), "npz")
         else:

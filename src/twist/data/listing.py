@@ -1,0 +1,116 @@
+"""The list of a folder's candidate images, made without opening any file, and its index file.
+
+:func:`list_tree` walks the tree with ``os.scandir`` (the directory entry's type answers "is it a
+folder?" without a ``stat`` for plain files; only symlinks and folders are stat'ed), applies
+the folder rules of the package docstring (hidden names and non-image extensions left out,
+symlinked folders followed once, a link to an ancestor reported as a loop) and returns the
+entries sorted by their path parts, the order the rest of the package relies on. Why not
+``os.walk``: it is scandir underneath too, but the folder scan used to open every file's header
+after it (137x the walk on 9,469 JPEGs); listing is now the whole start-up of a streamed folder.
+
+:func:`write_index` / :func:`read_index` keep a run's list in its run folder (JSON: the root's
+absolute path and modification times, the listing settings, the relative paths, labels and the
+entries left out), so a resumed run lists nothing. The index is reused only when the root
+folder and its first-level sub-folders have the modification times recorded (adding or removing
+a file or a class folder there changes them); changes deeper down are not seen: delete the
+index file to list again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from twist.checkpoint import atomic_write
+
+INDEX_VERSION = 1
+
+
+def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], None],
+              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> list[tuple[tuple[str, ...], str]]:
+    """Candidate image files under ``root`` as (relative parts, path), sorted by parts. ``bad`` /
+    ``note`` receive (path, reason) of entries left out; ``reason`` words an OSError."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    try:
+        top = os.stat(root)
+    except OSError as exc:
+        bad(root, f"cannot list directory: {reason(exc)}")
+        return found
+    seen = {(top.st_dev, top.st_ino)}
+    stack: list[tuple[str, tuple[str, ...], tuple[tuple[int, int], ...]]] = [(root, (), ((top.st_dev, top.st_ino),))]
+    while stack:
+        path, parts, ancestors = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            bad(path, f"cannot list directory: {reason(exc)}")
+            continue
+        folders = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; a plain file needs no stat
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                if os.path.splitext(name)[1].lower() in extensions:
+                    found.append((parts + (name,), entry.path))
+                continue
+            try:
+                st = entry.stat()
+            except OSError as exc:
+                bad(entry.path, f"cannot list directory: {reason(exc)}")
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                bad(entry.path, "symlink loop (links to a folder that contains it); not followed")
+            elif key in seen:
+                note(entry.path, "folder already included through another path; not followed")
+            else:
+                seen.add(key)
+                folders.append((entry.path, parts + (name,), ancestors + (key,)))
+        stack.extend(reversed(folders))  # depth first, in name order (as os.walk top-down)
+    found.sort(key=lambda t: t[0])
+    return found
+
+
+def tree_identity(root: str) -> dict[str, Any]:
+    """What an index is valid for: the root's absolute path and the modification times (ns) of
+    the root and of its first-level sub-folders (one ``stat`` each, no file opened)."""
+    root = os.path.abspath(root)
+    times = {".": os.stat(root).st_mtime_ns}
+    with os.scandir(root) as it:
+        for entry in it:
+            if not entry.name.startswith(".") and entry.is_dir():
+                try:
+                    times[entry.name] = entry.stat().st_mtime_ns
+                except OSError:
+                    times[entry.name] = -1
+    return {"root": root, "mtimes": times}
+
+
+def write_index(path: str, identity: dict[str, Any], settings: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Write the index atomically: ``payload`` holds paths relative to the root, labels, etc."""
+    record = {"version": INDEX_VERSION, "identity": identity, "settings": settings, **payload}
+    data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogateescape")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_index(path: str, identity: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The index at ``path`` when it exists and matches ``identity`` and ``settings``, else None
+    (a damaged or stale index is ignored and the folder listed again)."""
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read().decode("utf-8", "surrogateescape"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("version") != INDEX_VERSION:
+        return None
+    if record.get("identity") != identity or record.get("settings") != settings:
+        return None
+    return record
+
