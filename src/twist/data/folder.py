@@ -4,6 +4,7 @@ between decoding everything now and streaming per batch (``max_memory_gb``)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -57,28 +58,26 @@ class _Skips:
                         f"(bad_files='stop'{others}; use bad_files='skip' to leave such files out)")
 
 
-def _list(root: str, skips: _Skips) -> list[tuple[tuple[str, ...], str]]:
-    return list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, lambda exc: failure_reason(exc))
-
-
-def _labelled(found: list[tuple[tuple[str, ...], str]], skips: _Skips, name: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """(path, label) of the images to use and the class names: labels are the first-level
-    sub-folders holding at least one candidate image (label -1 and no classes without any)."""
-    class_names = sorted({parts[0] for parts, _ in found if len(parts) >= 2})
+def _labelled(root: str, skips: _Skips, name: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """Paths and labels of the images to use, and the class names: labels are the first-level
+    sub-folders holding at least one candidate image (labels -1 and no classes without any)."""
+    paths, tops = list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, failure_reason)
+    class_names = sorted(set(tops) - {""})
     if not class_names:
-        return [(path, -1) for _, path in found], []
+        return paths, np.full(len(paths), -1, dtype=np.int64), []
     class_index = {c: i for i, c in enumerate(class_names)}
-    kept = []
-    for parts, path in found:
-        if len(parts) == 1:
-            skips.note(path, "outside the class sub-folders (labels come from first-level sub-folders)")
-        else:
-            kept.append((path, class_index[parts[0]]))
-    outside = len(found) - len(kept)
-    if outside:
+    class_index[""] = -1
+    runs = [(key, sum(1 for _ in group)) for key, group in itertools.groupby(tops)]  # one run per folder
+    labels = np.repeat(np.array([class_index[k] for k, _ in runs], dtype=np.int64), [n for _, n in runs])
+    outside = np.flatnonzero(labels < 0)
+    if len(outside):
+        for i in outside:
+            skips.note(paths[i], "outside the class sub-folders (labels come from first-level sub-folders)")
         logger.warning("%s: %d image(s) directly in the top folder are left out: with class sub-folders, "
-                       "labels come from the sub-folders", name, outside)
-    return kept, class_names
+                       "labels come from the sub-folders", name, len(outside))
+        keep = np.flatnonzero(labels >= 0)
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    return paths, labels, class_names
 
 
 def _probe_all(paths: list[str], max_pixels: int, progress: bool, desc: str) -> list[tuple[int, int, bool] | str]:
@@ -104,11 +103,11 @@ def _geometry(infos: list[tuple[int, int, bool]], image_size: int, name: str) ->
     return channels, (side, side)
 
 
-def _sample_infos(kept: list[tuple[str, int]], max_pixels: int) -> list[tuple[int, int, bool]]:
+def _sample_infos(paths: list[str], max_pixels: int) -> list[tuple[int, int, bool]]:
     """Headers of a seeded sample of up to SAMPLE_HEADERS files (bad ones left out)."""
     rng = np.random.default_rng(0)
-    pick = rng.choice(len(kept), size=min(SAMPLE_HEADERS, len(kept)), replace=False)
-    infos = _probe_all([kept[i][0] for i in sorted(pick)], max_pixels, False, "")
+    pick = rng.choice(len(paths), size=min(SAMPLE_HEADERS, len(paths)), replace=False)
+    infos = _probe_all([paths[i] for i in sorted(pick)], max_pixels, False, "")
     return [i for i in infos if not isinstance(i, str)]
 
 
@@ -126,37 +125,36 @@ def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float
     index = read_index(index_path, identity, settings) if identity is not None else None
     if index is not None:
         return _from_index(index, root, name, max_pixels)
-    kept, class_names = _labelled(_list(root, skips), skips, name)
-    if not kept:
+    paths, labels, class_names = _labelled(root, skips, name)
+    if not paths:
         _raise_empty(root, skips)
 
     # streamed or in memory, decided from the count and a sample of headers (no full scan)
-    infos = _sample_infos(kept, max_pixels)
+    infos = _sample_infos(paths, max_pixels)
     channels, size = _geometry(infos or [(1, 1, False)], image_size, name)
-    if len(kept) * channels * size[0] * size[1] <= max_memory_gb * _GIB or scan == "full":
-        return _checked(root, name, kept, class_names, skips, image_size, max_memory_gb, progress, max_pixels,
+    if len(paths) * channels * size[0] * size[1] <= max_memory_gb * _GIB or scan == "full":
+        return _checked(root, name, paths, labels, class_names, skips, image_size, max_memory_gb, progress, max_pixels,
                         crop_size)
     logger.info("%s: about %.2f GiB decoded exceeds max_memory_gb=%g; images are decoded per batch "
                 "(listed, not opened: bad files are found when decoded)", name,
-                len(kept) * channels * size[0] * size[1] / _GIB, max_memory_gb)
-    ds = _streamed(name, kept, class_names, channels, size, max_pixels, crop_size)
+                len(paths) * channels * size[0] * size[1] / _GIB, max_memory_gb)
+    ds = _streamed(name, paths, labels, class_names, channels, size, max_pixels, crop_size)
     skips.check()
     ds.skipped = skips.items
     if identity is not None:
         write_index(index_path, identity, settings, {
-            "paths": [os.path.relpath(p, root) for p in ds.paths], "labels": [lab for _, lab in kept],
+            "paths": [os.path.relpath(p, root) for p in ds.paths], "labels": labels.tolist(),
             "class_names": class_names, "channels": channels, "size": list(size),
             "skipped": [list(item) for item in skips.items]})
     return ds
 
 
-def _streamed(name: str, kept: list[tuple[str, int]], class_names: list[str], channels: int, size: tuple[int, int],
+def _streamed(name: str, paths: list[str], labels: np.ndarray, class_names: list[str], channels: int, size: tuple[int, int],
               max_pixels: int, crop_size: int) -> ImageDataset:
     """A streamed folder dataset; with ``crop_size`` its batches (evaluation) are photos' centre
     crops: the shorter side resized to round(crop_size / 0.875), then the centre crop_size square."""
-    labels = np.array([lab for _, lab in kept], dtype=np.int64) if class_names else None
-    ds = ImageDataset(name=name, channels=channels, size=size, labels=labels, class_names=class_names or None,
-                      paths=[p for p, _ in kept], kind="folder", max_pixels=max_pixels)
+    ds = ImageDataset(name=name, channels=channels, size=size, labels=labels if class_names else None,
+                      class_names=class_names or None, paths=paths, kind="folder", max_pixels=max_pixels)
     if crop_size > 0:
         ds.size = (crop_size, crop_size)
         ds.resize_side = int(round(crop_size / EVAL_CROP_FRACTION))
@@ -165,27 +163,29 @@ def _streamed(name: str, kept: list[tuple[str, int]], class_names: list[str], ch
 
 def _from_index(index: dict, root: str, name: str, max_pixels: int) -> ImageDataset:
     """The streamed dataset a run's index file describes (a resumed run lists nothing)."""
-    kept = [(os.path.join(root, rel), int(lab)) for rel, lab in zip(index["paths"], index["labels"])]
+    paths = [os.path.join(root, rel) for rel in index["paths"]]
+    labels = np.asarray(index["labels"], dtype=np.int64)
     settings = index["settings"]
-    ds = _streamed(name, kept, list(index["class_names"]), int(index["channels"]), tuple(index["size"]),
+    ds = _streamed(name, paths, labels, list(index["class_names"]), int(index["channels"]), tuple(index["size"]),
                    max_pixels, int(settings["crop_size"]))
     ds.skipped = [(str(p), str(r)) for p, r in index["skipped"]]
     logger.info("%s: %d images from the run's index (not listed again)", name, len(ds))
     return ds
 
 
-def _checked(root: str, name: str, kept: list[tuple[str, int]], class_names: list[str], skips: _Skips,
+def _checked(root: str, name: str, paths: list[str], labels: np.ndarray, class_names: list[str], skips: _Skips,
              image_size: int, max_memory_gb: float, progress: bool, max_pixels: int, crop_size: int) -> ImageDataset:
     """Every header checked first (train.scan=full, and folders small enough for memory), then
     either streamed or decoded completely."""
-    good: list[tuple[str, int]] = []
+    good: list[int] = []
     infos: list[tuple[int, int, bool]] = []
-    for (path, label), info in zip(kept, _probe_all([p for p, _ in kept], max_pixels, progress, f"checking {name}")):
+    for i, info in enumerate(_probe_all(paths, max_pixels, progress, f"checking {name}")):
         if isinstance(info, str):
-            skips.bad(path, info)
+            skips.bad(paths[i], info)
         else:
-            good.append((path, label))
+            good.append(i)
             infos.append(info)
+    paths, labels = [paths[i] for i in good], labels[good]
     if not good:
         _raise_empty(root, skips)
     channels, size = _geometry(infos, image_size, name)
@@ -194,17 +194,16 @@ def _checked(root: str, name: str, kept: list[tuple[str, int]], class_names: lis
         logger.info("%s: %.2f GiB decoded exceeds max_memory_gb=%g; images are decoded per batch",
                     name, nbytes / _GIB, max_memory_gb)
         skips.check()
-        ds = _streamed(name, good, class_names, channels, size, max_pixels, crop_size)
+        ds = _streamed(name, paths, labels, class_names, channels, size, max_pixels, crop_size)
         ds.skipped = skips.items
         return ds
-    return _decode_all(root, name, good, class_names, channels, size, skips, progress, max_pixels)
+    return _decode_all(root, name, paths, labels, class_names, channels, size, skips, progress, max_pixels)
 
 
-def _decode_all(root: str, name: str, good: list[tuple[str, int]], class_names: list[str], channels: int,
+def _decode_all(root: str, name: str, paths: list[str], labels: np.ndarray, class_names: list[str], channels: int,
                 size: tuple[int, int], skips: _Skips, progress: bool, max_pixels: int) -> ImageDataset:
     """Decode every image into one preallocated (N, C, H, W) array (threads)."""
-    paths = [p for p, _ in good]
-    labels = np.array([lab for _, lab in good], dtype=np.int64) if class_names else None
+    labels = labels if class_names else None
     ds = ImageDataset(name=name, channels=channels, size=size, labels=labels,
                       class_names=class_names or None, paths=paths, kind="folder", max_pixels=max_pixels)
     arr = np.empty((len(paths), channels, size[0], size[1]), dtype=np.uint8)

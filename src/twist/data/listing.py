@@ -19,6 +19,7 @@ index file to list again.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from typing import Any, Callable
 
@@ -28,38 +29,53 @@ INDEX_VERSION = 1
 
 
 def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], None],
-              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> list[tuple[tuple[str, ...], str]]:
-    """Candidate image files under ``root`` as (relative parts, path), sorted by parts. ``bad`` /
-    ``note`` receive (path, reason) of entries left out; ``reason`` words an OSError."""
-    found: list[tuple[tuple[str, ...], str]] = []
+              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> tuple[list[str], list[str]]:
+    """Candidate image files under ``root`` in the order of their path parts (a depth-first walk,
+    each folder's entries in name order), with the first-level folder each lies in ('' for files
+    directly in ``root``). ``bad`` / ``note`` receive (path, reason) of entries left out;
+    ``reason`` words an OSError. Per plain file: no system call beyond the folder's listing."""
+    paths: list[str] = []
+    tops: list[str] = []
     try:
-        top = os.stat(root)
+        st = os.stat(root)
     except OSError as exc:
         bad(root, f"cannot list directory: {reason(exc)}")
-        return found
-    seen = {(top.st_dev, top.st_ino)}
-    stack: list[tuple[str, tuple[str, ...], tuple[tuple[int, int], ...]]] = [(root, (), ((top.st_dev, top.st_ino),))]
-    while stack:
-        path, parts, ancestors = stack.pop()
+        return paths, tops
+    seen = {(st.st_dev, st.st_ino)}
+
+    def walk(path: str, top: str | None, ancestors: tuple[tuple[int, int], ...]) -> None:
+        files: list[str] = []
+        dirs: list[os.DirEntry] = []
         try:
             with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                for entry in it:
+                    name = entry.name
+                    if name[0] == ".":
+                        continue
+                    try:
+                        is_dir = entry.is_dir()  # follows symlinks; a plain file needs no stat (its d_type)
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        dirs.append(entry)
+                    else:
+                        dot = name.rfind(".")
+                        if dot > 0 and name[dot:].lower() in extensions:
+                            files.append(name)
         except OSError as exc:
             bad(path, f"cannot list directory: {reason(exc)}")
-            continue
-        folders = []
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir()  # follows symlinks; a plain file needs no stat
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                if os.path.splitext(name)[1].lower() in extensions:
-                    found.append((parts + (name,), entry.path))
-                continue
+            return
+        files.sort()
+        prefix = os.path.join(path, "")
+        label = top if top is not None else ""
+        if not dirs:  # the common case: a folder of files
+            paths.extend([prefix + name for name in files])
+            tops.extend([label] * len(files))
+            return
+        # every sub-folder of this folder is claimed before any is entered (as os.walk top-down),
+        # so a link elsewhere to one of them is the duplicate, not the folder itself
+        folders: dict[str, tuple[int, int]] = {}
+        for entry in sorted(dirs, key=_NAME):
             try:
                 st = entry.stat()
             except OSError as exc:
@@ -72,10 +88,19 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
                 note(entry.path, "folder already included through another path; not followed")
             else:
                 seen.add(key)
-                folders.append((entry.path, parts + (name,), ancestors + (key,)))
-        stack.extend(reversed(folders))  # depth first, in name order (as os.walk top-down)
-    found.sort(key=lambda t: t[0])
-    return found
+                folders[entry.name] = key
+        for name in sorted(files + list(folders)):
+            if name in folders:
+                walk(prefix + name, name if top is None else top, ancestors + (folders[name],))
+            else:
+                paths.append(prefix + name)
+                tops.append(label)
+
+    walk(root, None, ((st.st_dev, st.st_ino),))
+    return paths, tops
+
+
+_NAME = operator.attrgetter("name")
 
 
 def tree_identity(root: str) -> dict[str, Any]:
