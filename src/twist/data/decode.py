@@ -124,6 +124,9 @@ def decode_image(path: str | bytes, size: tuple[int, int], channels: int, max_pi
         scale = resize_side / min(w, h)
         im = im.resize((max(resize_side, round(w * scale)), max(resize_side, round(h * scale))),
                        Image.Resampling.BICUBIC)
+        (H, W), (w, h) = size, im.size
+        left, top = (w - W) // 2, (h - H) // 2
+        return to_chw(im.crop((left, top, left + W, top + H)))
     return to_chw(resize_crop(im, size))
 
 
