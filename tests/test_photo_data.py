@@ -41,7 +41,7 @@ def photo_folder(root, n_per_class=6, classes=2, fmt="JPEG") -> None:
 
 
 def streamed(root, **kw):
-    return load_dataset(str(root), "train", image_size=32, max_memory_gb=1e-9, progress=False, **kw)
+    return load_dataset(root if isinstance(root, list) else str(root), "train", image_size=32, max_memory_gb=1e-9, progress=False, **kw)
 
 
 PLAN = ViewPlan.multicrop(32, 16, 2, (0.4, 1.0), (0.05, 0.4), RATIO, "bicubic", seed=3)
@@ -273,3 +273,52 @@ def test_scan_full_checks_headers_before_training(tmp_path):
     assert len(ds) == 11 and any("im0.jpg" in p for p, _ in ds.skipped)
     with pytest.raises(Exception, match="scan"):
         streamed(tmp_path, scan="everything")
+
+
+# ---------------------------------------------------------------------- tar shards
+def make_shards(folder, out, per_shard=5):
+    """The folder's images as WebDataset-style shards (KEY.jpg + KEY.cls), in the folder's order."""
+    ds = streamed(folder)
+    os.makedirs(out, exist_ok=True)
+    for s in range(0, len(ds), per_shard):
+        with tarfile.open(out / f"shard-{s // per_shard:03d}.tar", "w") as tar:
+            for i in range(s, min(s + per_shard, len(ds))):
+                for ext, data in ((".jpg", open(ds.paths[i], "rb").read()), (".cls", str(int(ds.labels[i])).encode())):
+                    info = tarfile.TarInfo(f"sample{i:04d}{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return ds
+
+
+def test_tar_shards_give_the_folder_images(tmp_path):
+    photo_folder(tmp_path / "f")
+    folder = make_shards(tmp_path / "f", tmp_path / "shards")
+    for spec in (str(tmp_path / "shards"), sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")),
+                 ",".join(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")))):
+        tar = streamed(spec, crop_size=32)
+        assert tar.kind == "shards" and len(tar) == len(folder) and not tar.in_memory
+        np.testing.assert_array_equal(tar.labels, folder.labels)
+    ref = streamed(tmp_path / "f", crop_size=32)
+    assert torch.equal(tar.get_batch(range(len(tar))), ref.get_batch(range(len(ref))))
+    for (va, ia), (vb, ib) in zip(
+            batch_loader(tar, 4, shuffle=True, drop_last=True, seed=1, epoch=0, views=PLAN, num_workers=2),
+            batch_loader(ref, 4, shuffle=True, drop_last=True, seed=1, epoch=0, views=PLAN)):
+        assert torch.equal(ia, ib) and all(torch.equal(x, y) for x, y in zip(va, vb))
+
+
+def test_tar_shard_bad_member_is_replaced(tmp_path):
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for i, data in enumerate([b"junk", _jpeg(photo(60, 40, 0))] * 2):
+            info = tarfile.TarInfo(f"k{i}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ds = streamed(str(tmp_path / "a.tar"))
+    assert len(ds) == 4 and ds.labels is None
+    list(batch_loader(ds, 4, shuffle=False, drop_last=True, seed=0, epoch=0, views=PLAN))
+    assert ds.replaced == 2 and all("a.tar/k" in p for p, _ in ds.skipped)
+
+
+def _jpeg(im):
+    buf = io.BytesIO()
+    im.save(buf, "JPEG")
+    return buf.getvalue()

@@ -46,7 +46,7 @@ class ImageDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of every file or directory left out (see the module docstring)."""
     kind: str = "array"
-    """'digits', 'npz', 'npz-splits' or 'folder'."""
+    """'digits', 'npz', 'npz-splits', 'folder' or 'shards' (tar)."""
     replaced: int = 0
     """Streamed only: how many batch slots got a substitute image because a file failed."""
     max_pixels: int | None = None

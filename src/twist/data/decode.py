@@ -75,7 +75,7 @@ def _orientation(im: Image.Image) -> int:
     return 1
 
 
-def probe_image(path: str, max_pixels: int) -> tuple[int, int, bool]:
+def probe_image(path: str | bytes, max_pixels: int) -> tuple[int, int, bool]:
     """(width, height) after EXIF orientation and whether the image is grey; raises when bad."""
     with open_image(path, max_pixels) as im:
         w, h = im.size

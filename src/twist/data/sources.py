@@ -17,13 +17,14 @@ from PIL import Image
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import display_path, failure_reason, resize_crop, to_chw
 from twist.data.folder import load_folder
+from twist.data.shards import load_shards, shard_files
 from twist.data.threads import num_threads, ordered_map
 
 logger = logging.getLogger(__name__)
 
 
 def load_dataset(
-    spec: str,
+    spec: str | list[str],
     split: str = "train",
     image_size: int = 0,
     bad_files: str = "skip",
@@ -55,6 +56,11 @@ def load_dataset(
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS or 100_000_000
     Image.init()  # register PIL's plugins once, before any decoding thread starts
+    shards = shard_files(spec)
+    if shards is not None:
+        ds = load_shards(shards, image_size, max_pixels, crop_size)
+        logger.info("%s", ds.describe())
+        return ds
     spec = str(spec)
     if not spec:
         raise DataError("empty dataset spec: give 'digits', a .npz file or a directory")
