@@ -322,3 +322,35 @@ def _jpeg(im):
     buf = io.BytesIO()
     im.save(buf, "JPEG")
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------- training on streamed photos
+def test_training_on_streamed_photos_cuts_views_and_resumes_from_the_index(tmp_path, monkeypatch):
+    from twist.checkpoint import load_checkpoint
+    from twist.config import get_preset
+    from twist.train import DATA_INDEX_NAME, train
+
+    photo_folder(tmp_path / "data", n_per_class=8)
+    cfg = get_preset("cifar10")
+    cfg.augment.num_local = 2
+    cfg.train.max_memory_gb = 1e-9
+    cfg.train.batch_size = 8
+    cfg.train.epochs = 2
+    cfg.train.device = "cpu"
+    cfg.train.precision = "fp32"
+    cfg.train.eval_every = 1
+    calls = []
+    real = MultiCropAugment.photometric
+    monkeypatch.setattr(MultiCropAugment, "photometric", lambda self, v, g=None: calls.append(len(v)) or real(self, v, g))
+    out = tmp_path / "run"
+    train(cfg, str(tmp_path / "data"), out, progress=False, max_steps=2)
+    assert calls and calls[0] == 4 and (out / DATA_INDEX_NAME).exists()
+    data = load_checkpoint(out / "checkpoint.pt")["data"]
+    assert data["eval_resize"] == round(32 / 0.875) and len(data["mean"]) == 3 and data["std"] != [0.25] * 3
+
+    def no_listing(*a, **k):
+        raise AssertionError("listed again on resume")
+
+    monkeypatch.setattr(folder_module, "list_tree", no_listing)
+    record = train(cfg, str(tmp_path / "data"), out, progress=False)
+    assert record["epoch"] == 2 and "acc" in record

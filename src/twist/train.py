@@ -425,7 +425,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "rng_per_rank": rng,
             "config": cfg.to_dict(),
             "data": {"channels": dataset.channels, "mean": list(mean), "std": list(std),
-                     "image_size": image_size, "class_names": dataset.class_names, "source": str(data)},
+                     "image_size": image_size, "class_names": dataset.class_names, "source": str(data),
+                     "eval_resize": dataset.resize_side},
         }, ckpt_path)
 
     metrics_path = out / "metrics.jsonl"

@@ -46,6 +46,7 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
     def walk(path: str, top: str | None, ancestors: tuple[tuple[int, int], ...]) -> None:
         files: list[str] = []
         dirs: list[os.DirEntry] = []
+        add_file, add_dir = files.append, dirs.append  # the loop below runs once per file: kept lean
         try:
             with os.scandir(path) as it:
                 for entry in it:
@@ -57,11 +58,9 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
                     except OSError:
                         is_dir = False
                     if is_dir:
-                        dirs.append(entry)
-                    else:
-                        dot = name.rfind(".")
-                        if dot > 0 and name[dot:].lower() in extensions:
-                            files.append(name)
+                        add_dir(entry)
+                    elif name[name.rfind("."):].lower() in extensions:  # no dot: the last character, never one
+                        add_file(name)
         except OSError as exc:
             bad(path, f"cannot list directory: {reason(exc)}")
             return
