@@ -75,7 +75,7 @@ def make_photos(root: Path, count: int, classes: int = 10, seed: int = 0) -> Non
 
 
 def make_tree(root: Path, files: int, per_folder: int = 1000) -> None:
-    marker = root / f".made-{files}"
+    marker = root.parent / f".{root.name}-made-{files}"  # outside the tree: the walks count every entry
     if marker.exists():
         return
     for i in range(files):
