@@ -295,14 +295,9 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
     # ---- data
     image_size = cfg.train.image_size or cfg.augment.global_size
-    # streamed photo folders: listed once (index kept in the run folder), views cut at decode time
-    # from the original photos (train.image_size then only sizes in-memory data), centre crops for evaluation
-    dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files,
-                           max_memory_gb=cfg.train.max_memory_gb, progress=progress and main, scan=cfg.train.scan,
-                           index_path=out / DATA_INDEX_NAME if main else None, crop_size=cfg.augment.global_size)
-    view_plan = ViewPlan.multicrop(cfg.augment.global_size, cfg.augment.local_size, cfg.augment.num_local,
-                                   cfg.augment.global_scale, cfg.augment.local_scale, cfg.augment.ratio,
-                                   cfg.augment.interpolation, cfg.train.seed)
+    dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files, scan=cfg.train.scan,
+                           max_memory_gb=cfg.train.max_memory_gb, progress=progress and main, crop_size=cfg.augment.global_size,
+                           index_path=out / DATA_INDEX_NAME if main else None)  # see DATA_INDEX_NAME
     skipped_written = 0
     if main:
         if not dataset.skipped and (out / SKIPPED_NAME).exists():
@@ -425,8 +420,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
             "rng_per_rank": rng,
             "config": cfg.to_dict(),
             "data": {"channels": dataset.channels, "mean": list(mean), "std": list(std),
-                     "image_size": image_size, "class_names": dataset.class_names, "source": str(data),
-                     "eval_resize": dataset.resize_side},
+                     "image_size": image_size, "class_names": dataset.class_names, "source": str(data), "eval_resize": dataset.resize_side},
         }, ckpt_path)
 
     metrics_path = out / "metrics.jsonl"
@@ -449,7 +443,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         model.train()
         loader = batch_loader(dataset, cfg.train.batch_size, shuffle=True, drop_last=True, seed=cfg.train.seed,
                               epoch=epoch, rank=rank, world_size=world, num_workers=cfg.train.num_workers,
-                              start_batch=state.step_in_epoch, views=view_plan)
+                              start_batch=state.step_in_epoch, views=ViewPlan.from_augment(cfg.augment, cfg.train.seed))
         # running sums of loss, consistency, sharpness, diversity (+ the other heads' losses)
         sums = torch.zeros(4 + n_trained_heads - 1, dtype=torch.float64)
         count, skipped_steps = 0, 0
@@ -464,8 +458,7 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         for images, _ in bar:
             it = state.global_step
             set_step_values(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
-            images = [v.to(device, non_blocking=True) for v in images] if isinstance(images, list) \
-                else images.to(device, non_blocking=True)  # a list: views cut at decode time
+            images = [v.to(device, non_blocking=True) for v in images] if isinstance(images, list) else images.to(device, non_blocking=True)
             views = [v.contiguous(memory_format=memory_format) for v in augment(images, aug_gen)]
             buffers = _snapshot_buffers(model, teacher) if cfg.train.nonfinite == "skip" else []
             terms, finite = train_step(forward_model, criterion, optimizer, views, device=device, precision=precision,
@@ -570,7 +563,10 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
 
 
 DATA_INDEX_NAME = "data_index.json"
-"""Run-folder list of a streamed folder's images (twist.data.listing), so a resume lists nothing."""
+"""Run-folder list of a streamed folder's images (twist.data.listing), so a resume lists nothing.
+Streamed photo folders are listed once, their training views cut at decode time from the
+original photos (``batch_loader(views=...)``; train.image_size then only sizes data held in
+memory), and their evaluation batches are the release's centre crops (``crop_size``)."""
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 """ImageNet's per-channel statistics, as the release normalises (train.normalize=imagenet)."""

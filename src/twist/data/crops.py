@@ -52,6 +52,12 @@ class ViewPlan:
         scales = (tuple(global_scale),) * 2 + (tuple(local_scale),) * num_local
         return cls(sizes=sizes, scales=scales, ratio=tuple(ratio), interpolation=interpolation, seed=seed)
 
+    @classmethod
+    def from_augment(cls, cfg, seed: int) -> "ViewPlan":
+        """The views of an ``AugmentConfig`` (read by attribute: sizes, scales, ratio, interpolation)."""
+        return cls.multicrop(cfg.global_size, cfg.local_size, cfg.num_local, cfg.global_scale, cfg.local_scale,
+                             cfg.ratio, cfg.interpolation, seed)
+
     @property
     def num_views(self) -> int:
         return len(self.sizes)

@@ -121,7 +121,10 @@ def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float
     skips = _Skips(bad_files)
     settings = {"image_size": image_size, "max_memory_gb": max_memory_gb, "crop_size": crop_size,
                 "max_pixels": max_pixels, "bad_files": bad_files}
-    identity = tree_identity(root) if index_path and scan == "list" else None
+    try:
+        identity = tree_identity(root) if index_path and scan == "list" else None
+    except OSError:  # the root cannot be listed: no index; the listing reports why
+        identity = None
     index = read_index(index_path, identity, settings) if identity is not None else None
     if index is not None:
         return _from_index(index, root, name, max_pixels)

@@ -109,11 +109,11 @@ def tree_identity(root: str) -> dict[str, Any]:
     times = {".": os.stat(root).st_mtime_ns}
     with os.scandir(root) as it:
         for entry in it:
-            if not entry.name.startswith(".") and entry.is_dir():
-                try:
+            try:
+                if not entry.name.startswith(".") and entry.is_dir():
                     times[entry.name] = entry.stat().st_mtime_ns
-                except OSError:
-                    times[entry.name] = -1
+            except OSError:  # a broken link or a loop: the listing reports it, the identity skips it
+                continue
     return {"root": root, "mtimes": times}
 
 
