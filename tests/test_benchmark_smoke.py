@@ -89,3 +89,17 @@ def test_contrastive_baselines_keep_a_wide_projector_when_twist_heads_are_narrow
     wide = apply_overrides(get_preset("digits"), ["model.small_cnn_width=4"])  # 2048-wide heads: kept
     assert baselines.build_objective("simclr", wide, 1)[0].head[0].out_features == wide.model.hidden_dim == 2048
     assert baselines.build_objective("simclr", cfg, 3, projector_dim=32)[0].head[0].out_features == 32
+
+
+def test_photo_loader_script_tiny_run(tmp_path):
+    script = SCRIPT.parent / "photo_loader.py"
+    cmd = [sys.executable, str(script), "--work", str(tmp_path), "--photos", "24", "--images", "8", "--batch", "4",
+           "--workers", "0", "--tree-files", "300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("multicrop_speedup", "twoview_speedup", "startup_over_scandir"):
+        assert result[key] > 0, key
+    assert result["multicrop"]["twist"]["images"] == result["multicrop"]["release"]["images"] == 8
+    assert result["startup"]["files"] == 300 and result["startup"]["resume_listings"] == 0
+    assert result["startup"]["resume_images"] == 300

@@ -623,7 +623,10 @@ class MultiCropAugment:
         return "separable" if device.type == "cpu" else "grid"
 
     # ------------------------------------------------------------------ public call
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor],
+                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        if isinstance(images, (list, tuple)):  # views already cut at decode time (streamed photos)
+            return self.photometric(images, generator)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("the augmentation generator must be a CPU torch.Generator")
         cfg = self.cfg
@@ -637,6 +640,47 @@ class MultiCropAugment:
                                      (cfg.blur_p[2],) * cfg.num_local, (cfg.solarize_p[2],) * cfg.num_local,
                                      generator)
         return views
+
+    def photometric(self, views: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The output of :meth:`__call__` for views already cropped and resized at decode time
+        (:mod:`twist.data.views`): ``views`` are uint8 (B, C, S, S) tensors ``[global_1,
+        global_2, local_1, ...]`` at ``global_size`` / ``local_size``, on the training device.
+        Applies the flip and steps 2-6 with the same draws, code and order as :meth:`__call__`
+        (the crop columns of the draws are drawn and ignored, so the random stream advances as
+        there). Rotation and shear need the original image and are refused."""
+        cfg = self.cfg
+        if cfg.rotation or cfg.shear:
+            raise ValueError("views cut at decode time cannot be rotated or sheared; set augment.rotation "
+                             "and augment.shear to 0 or keep the images in memory")
+        if len(views) != self.num_views:
+            raise ValueError(f"expected {self.num_views} views (2 global + {cfg.num_local} local), got {len(views)}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError("the augmentation generator must be a CPU torch.Generator")
+        with torch.no_grad():
+            out = self._cut_views(views[:2], cfg.global_size, self.global_scale, (cfg.blur_p[0], cfg.blur_p[1]),
+                                  (cfg.solarize_p[0], cfg.solarize_p[1]), generator)
+            if cfg.num_local > 0:
+                out += self._cut_views(views[2:], cfg.local_size, self.local_scale, (cfg.blur_p[2],) * cfg.num_local,
+                                       (cfg.solarize_p[2],) * cfg.num_local, generator)
+        return out
+
+    def _cut_views(self, views: Sequence[torch.Tensor], size: int, scale: tuple[float, float],
+                   blur_p: Sequence[float], solar_p: Sequence[float],
+                   generator: torch.Generator | None) -> list[torch.Tensor]:
+        nviews = len(views)
+        for v in views:
+            if v.dim() != 4 or tuple(v.shape[1:]) != (self.channels, size, size) or v.dtype != torch.uint8:
+                raise ValueError(f"views must be uint8 (B, {self.channels}, {size}, {size}), got "
+                                 f"{v.dtype} {tuple(v.shape)}")
+        b, c = views[0].shape[:2]
+        n = nviews * b
+        xv = torch.stack(list(views)).view(n, c, size, size).to(torch.float32).div_(255.0)
+        d = self._draw(b, nviews, size, size, size, scale, blur_p, solar_p, generator)
+        flipped = np.flatnonzero(d["params"][_P_AX].reshape(-1) < 0)
+        if len(flipped):
+            rows = _to_device(flipped, xv.device)
+            xv.index_copy_(0, rows, xv.index_select(0, rows).flip(-1))
+        return self._colour(xv, d, _to_device(d["params"], xv.device), nviews, b, c, size)
 
     # ------------------------------------------------------------------ parameters, on the CPU
     def _draw(self, b: int, nviews: int, size: int, height: int, width: int, scale: tuple[float, float],
@@ -702,9 +746,6 @@ class MultiCropAugment:
         p = _to_device(d["params"], device)  # (_N_PARAMS, V, B) float32: one transfer
         n = nviews * b
 
-        def col(i: int) -> torch.Tensor:  # a per-(view, sample) parameter, broadcast over (V*B, C, S, S)
-            return p[i].view(n, 1, 1, 1)
-
         # ---- crop + flip (+ rotation, shear): one resampling of all views of this resolution (per
         # pyramid level used); general affine maps need grid_sample
         if d["affine"]:
@@ -723,6 +764,18 @@ class MultiCropAugment:
                 xv.lerp_(res.view(n, c, size, size), weight)
         if cfg.interpolation == "bicubic":
             xv.clamp_(0.0, 1.0)
+        return self._colour(xv, d, p, nviews, b, c, size)
+
+    def _colour(self, xv: torch.Tensor, d: dict, p: torch.Tensor, nviews: int, b: int, c: int,
+                size: int) -> list[torch.Tensor]:
+        """Steps 2-6 (jitter, grey, blur, solarize, normalise) on the cropped views ``xv``
+        (V*B, C, S, S) float32 in [0, 1], view-major, with the draws ``d`` / ``p`` of :meth:`_draw`."""
+        cfg = self.cfg
+        device = xv.device
+        n = nviews * b
+
+        def col(i: int) -> torch.Tensor:  # a per-(view, sample) parameter, broadcast over (V*B, C, S, S)
+            return p[i].view(n, 1, 1, 1)
 
         # ---- colour jitter, in one shuffled order for the batch (identity factors where not jittered)
         if cfg.jitter_p > 0 and d["jitter"]:

@@ -474,7 +474,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_recipe_flags(args, build_parser().parse_args(["eval", args.checkpoint, args.data]))
     trained = load_trained(args.checkpoint, device=args.device, trust_pickle=args.trust_pickle)
     train_ds, test_ds, split_info = split_for_eval(
-        args.data, train_data=args.train_data, image_size=eval_image_size(trained, args.recipe), split=args.split,
+        args.data, train_data=args.train_data, image_size=eval_image_size(trained, args.recipe),
+        crop_size=trained.crop_size, split=args.split,
         train_split=args.train_split, test_fraction=args.test_fraction, seed=args.split_seed,
         progress=_progress(args))
     out_dir = Path(args.out_dir) if args.out_dir else default_eval_dir(trained.path)

@@ -211,6 +211,12 @@ class TrainConfig:
     """Images from folders are resized to this side when loaded; 0 = the global crop size."""
     max_memory_gb: float = 4.0
     """Decoded datasets larger than this are streamed from disk instead of kept in memory."""
+    normalize: str = "data"
+    """Per-channel mean/std of the inputs: data (the training data's own; estimated from 500
+    images for streamed folders) or imagenet (0.485/0.456/0.406, 0.229/0.224/0.225: the release)."""
+    scan: str = "list"
+    """Streamed folders: list (file names only, the list kept in the run folder; bad files are
+    found and replaced when decoded) or full (open every file's header before training)."""
     val_data: str = ""
     """Held-out data for per-epoch metrics; empty = the training data when it has labels."""
     log_every: int = 10
@@ -307,6 +313,8 @@ class TwistConfig:
         _check(a.num_local == 0 or a.local_size <= (t.image_size or a.global_size), "augment.local_size", a.local_size,
                f"at most the loaded image size {t.image_size or a.global_size} (train.image_size, 0 = augment.global_size)")
         _check(t.max_memory_gb > 0, "train.max_memory_gb", t.max_memory_gb, "positive")
+        _check(t.scan in ("list", "full"), "train.scan", t.scan, "list or full")
+        _check(t.normalize in ("data", "imagenet"), "train.normalize", t.normalize, "data or imagenet")
         _check(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
         return self
 

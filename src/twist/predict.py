@@ -52,7 +52,7 @@ def load_for_prediction(spec: str, trained, *, split: str = "train", bad_files: 
         False
     """
     return load_dataset(spec, split, image_size=trained.image_size, bad_files=bad_files,
-                        max_memory_gb=_STREAM_GB if stream else 4.0, progress=progress)
+                        max_memory_gb=_STREAM_GB if stream else 4.0, progress=progress, crop_size=trained.crop_size)
 
 
 @torch.no_grad()

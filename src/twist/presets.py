@@ -85,7 +85,7 @@ def _release_rn50_multicrop() -> TwistConfig:
     c.optim = OptimConfig(name="lars", lr=0.5, warmup_epochs=10, weight_decay=1.5e-6, min_lr_ratio=0.001,
                           momentum=0.9, lars_eta=1e-3)
     c.selflabel = SelfLabelConfig(epochs=50, lr=0.05, warmup_epochs=5, quantile_start=0.5, quantile_end=0.6)
-    c.train = TrainConfig(epochs=800, batch_size=128, image_size=256)
+    c.train = TrainConfig(epochs=800, batch_size=128, image_size=256, normalize="imagenet")
     return c
 
 
@@ -126,7 +126,7 @@ def _release_vit_small() -> TwistConfig:
                           min_lr_ratio=0.001, betas=(0.9, 0.999), clip_grad=3.0)
     c.ema = EMAConfig(enabled=True, momentum=0.996, momentum_end=1.0)
     c.selflabel = SelfLabelConfig(epochs=0)
-    c.train = TrainConfig(epochs=300, batch_size=64, image_size=256)
+    c.train = TrainConfig(epochs=300, batch_size=64, image_size=256, normalize="imagenet")
     return c
 
 

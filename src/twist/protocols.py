@@ -184,7 +184,8 @@ def _image_split_dirs(path: str, split: str) -> tuple[str, str] | None:
 
 def split_for_eval(data: str, *, train_data: str | None = None, image_size: int = 0, split: str = "test",
                    train_split: str = "train", test_fraction: float = 0.2, seed: int = 0, bad_files: str = "skip",
-                   max_memory_gb: float = 4.0, progress: bool = False) -> tuple[ImageDataset, ImageDataset, dict]:
+                   max_memory_gb: float = 4.0, progress: bool = False,
+                   crop_size: int = 0) -> tuple[ImageDataset, ImageDataset, dict]:
     """The (train, test) datasets that the protocols use for ``data``, and how they were chosen.
 
     * ``train_data`` given: train = ``train_data`` (split ``train_split``), test = ``data``
@@ -204,7 +205,8 @@ def split_for_eval(data: str, *, train_data: str | None = None, image_size: int 
         >>> len(tr), len(te), info["mode"]
         (1438, 359, 'stratified')
     """
-    kw = dict(image_size=image_size, bad_files=bad_files, max_memory_gb=max_memory_gb, progress=progress)
+    kw = dict(image_size=image_size, bad_files=bad_files, max_memory_gb=max_memory_gb, progress=progress,
+              crop_size=crop_size)
     if train_data:
         tr = load_dataset(train_data, train_split, **kw)
         te = load_dataset(data, split, **kw)

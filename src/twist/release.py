@@ -458,6 +458,7 @@ def import_release(path: str | Path, out: str | Path, *, arch: str | None = None
         "rng_per_rank": {},
         "config": cfg.to_dict(),
         "data": {"channels": info.in_channels, "mean": mean, "std": std, "image_size": cfg.augment.global_size,
+                 "eval_resize": round(cfg.augment.global_size / 0.875),  # the release's Resize 256 + CenterCrop 224
                  "class_names": None, "source": f"release:{source}"},
         "import": {"source": source, "kind": weights.kind, "release_epochs": weights.epoch,
                    "head": "release" if head is not None else "fresh", "teacher": use_teacher,

@@ -51,6 +51,7 @@ this stage when it resumes, and this stage resumes where it stopped. Metrics go 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -60,10 +61,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from twist.augment import MultiCropAugment
+from twist.data import ViewPlan
 from twist.ema import update_teacher
 from twist.optim import build_optimizer, cosine_schedule, set_step_values
 from twist.runtime import unwrap
-from twist.stage import Run, RunState, Stage, StageRunner, compiled, restore_rng, train_step
+from twist.stage import Run, RunState, Stage, StageRunner, batch_to_device, compiled, restore_rng, train_step
 
 __all__ = ["selflabel_loss", "SelfLabelLoss", "SelfLabelTerms", "selection_threshold", "run_selflabel", "SelfLabelStage",
            "STAGE"]
@@ -214,6 +216,9 @@ class SelfLabelStage(Stage):
         self.loader_epoch_offset = cfg.train.epochs  # loader epochs continue the TWIST count: fresh shuffles
         self.augment = MultiCropAugment(cfg.augment, info["channels"], info["mean"], info["std"],
                                         global_scale=tuple(sl.global_scale), local_scale=tuple(sl.local_scale))
+        # streamed photos: the same harder crops, cut at decode time from the original files
+        self.view_plan = ViewPlan.from_augment(dataclasses.replace(cfg.augment, global_scale=tuple(sl.global_scale),
+                                                                   local_scale=tuple(sl.local_scale)), cfg.train.seed)
         self.criterion = SelfLabelLoss(cfg.loss.tau, cfg.loss.eps, sl.quantile_start)
         self.forward_model = compiled(model, cfg)
 
@@ -236,7 +241,7 @@ class SelfLabelStage(Stage):
         run = self.run
         set_step_values(self.optimizer, float(self.lr_schedule[it]), self.weight_decay)
         self.criterion.quantile = float(self.quantile_schedule[it])
-        images = images.to(run.device, non_blocking=True)
+        images = batch_to_device(images, run.device)
         views = [v.contiguous(memory_format=run.memory_format) for v in self.augment(images, self.aug_gen)]
         terms, finite = train_step(self.forward_model, self.criterion, self.optimizer, views, device=run.device,
                                    precision=run.precision, scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad,

@@ -32,6 +32,13 @@ class TrainedModel:
     path: Path
     checkpoint: dict[str, Any]
 
+    @property
+    def crop_size(self) -> int:
+        """The ``crop_size`` to load photos with (twist.data.load_dataset): the global crop size
+        when the model was trained on streamed photos or imported from the release (evaluation
+        = shorter side to crop / 0.875, centre crop), else 0 (the training resize + centre crop)."""
+        return self.config.augment.global_size if (self.checkpoint.get("data") or {}).get("eval_resize") else 0
+
 
 def load_trained(path: str | Path, device: str = "auto", trust_pickle: bool = False,
                  precision: str = "fp32") -> TrainedModel:

@@ -41,7 +41,7 @@ from torch import nn
 from twist import distributed as tdist
 from twist.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from twist.config import ConfigError, TwistConfig
-from twist.data import ImageDataset, batch_loader
+from twist.data import ImageDataset, ViewPlan, batch_loader
 from twist.inference import evaluate_model
 from twist.io import stale_temporaries, write_text_atomic
 from twist.runtime import autocast_context, unwrap
@@ -106,12 +106,22 @@ class Run:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
 
-    def loader(self, epoch: int, start_batch: int = 0):
-        """The training batches of loader epoch ``epoch`` for this rank, from ``start_batch``."""
+    def loader(self, epoch: int, start_batch: int = 0, views: ViewPlan | None = None):
+        """The training batches of loader epoch ``epoch`` for this rank, from ``start_batch``;
+        streamed photos come as the ``views`` cut at decode time (a list of uint8 batches)."""
         t = self.cfg.train
         return batch_loader(self.dataset, t.batch_size, shuffle=True, drop_last=True, seed=t.seed, epoch=epoch,
                             rank=self.rank, world_size=self.world, num_workers=t.num_workers,
-                            start_batch=start_batch)
+                            start_batch=start_batch, views=views)
+
+
+def batch_to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """A loader batch on the training device: whole uint8 images, or the list of uint8 view
+    batches that streamed photos come as (cut at decode time; the augmentation then applies
+    only its photometric part)."""
+    if isinstance(images, list):
+        return [v.to(device, non_blocking=True) for v in images]
+    return images.to(device, non_blocking=True)
 
 
 def compiled(model: nn.Module, cfg: TwistConfig) -> nn.Module:
@@ -134,6 +144,8 @@ class Stage:
     epochs: int
     loader_epoch_offset: int = 0
     """Added to the stage's epoch to get the loader's (a later stage gets fresh shuffles)."""
+    view_plan: ViewPlan | None = None
+    """The crops of the stage's views, cut at decode time for streamed photos (twist.data.crops)."""
     num_logged: int
     """Length of the vector of running sums :meth:`step` returns."""
     model: nn.Module
@@ -186,7 +198,7 @@ class StageRunner:
         record, or None when ``max_steps`` stopped the stage inside the epoch (checkpoint written)."""
         run, stage, state, cfg = self.run, self.stage, self.state, self.run.cfg
         stage.model.train()
-        loader = run.loader(stage.loader_epoch_offset + epoch, state.step_in_epoch)
+        loader = run.loader(stage.loader_epoch_offset + epoch, state.step_in_epoch, stage.view_plan)
         self._start_sums()
         count_start = self.count
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from torch import nn
 from twist import distributed as tdist
 from twist.augment import EvalTransform, MultiCropAugment, dataset_stats
 from twist.config import ConfigError, TwistConfig
-from twist.data import load_dataset
+from twist.data import ImageDataset, ViewPlan, load_dataset
 from twist.io import write_text_atomic
 from twist.loss import TwistLoss
 from twist.model import build_model
@@ -37,7 +37,7 @@ from twist.optim import build_optimizer, cosine_schedule, set_step_values
 from twist.runtime import keep_freed_cpu_memory, resolve_device, resolve_precision, seed_everything, unwrap
 from twist.selflabel import STAGE as SELFLABEL, run_selflabel
 from twist.session import TrainingSession
-from twist.stage import (METRICS_NAME, SKIPPED_NAME, Run, RunState, Stage, StageRunner, TrainingError, compiled,
+from twist.stage import (METRICS_NAME, SKIPPED_NAME, Run, RunState, Stage, StageRunner, TrainingError, batch_to_device, compiled,
                          drop_unsaved_metrics, prepare_output, read_resume_checkpoint, report_skipped, restore_rng,
                          sweep_stale_temporaries, tensorboard, train_step)
 
@@ -116,8 +116,10 @@ def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool, session: T
         prepare_output(out, session)
 
     image_size = cfg.train.image_size or cfg.augment.global_size
-    dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files,
-                           max_memory_gb=cfg.train.max_memory_gb, progress=progress and rank == 0)
+    dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files, scan=cfg.train.scan,
+                           max_memory_gb=cfg.train.max_memory_gb, progress=progress and rank == 0,
+                           crop_size=cfg.augment.global_size,
+                           index_path=out / DATA_INDEX_NAME if rank == 0 else None)  # see DATA_INDEX_NAME
     skipped_written = 0
     if rank == 0:
         if not dataset.skipped and (out / SKIPPED_NAME).exists():
@@ -129,13 +131,32 @@ def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool, session: T
     val = dataset
     if cfg.train.val_data:
         val = load_dataset(cfg.train.val_data, "test", image_size=image_size, bad_files=cfg.train.bad_files,
-                           max_memory_gb=cfg.train.max_memory_gb, progress=False)
-    mean, std = dataset_stats(dataset.images) if dataset.in_memory else ([0.5] * dataset.channels, [0.25] * dataset.channels)
+                           max_memory_gb=cfg.train.max_memory_gb, progress=False, crop_size=cfg.augment.global_size)
+    mean, std = data_mean_std(cfg, dataset)
     data_info = {"channels": dataset.channels, "mean": list(mean), "std": list(std), "image_size": image_size,
-                 "class_names": dataset.class_names, "source": data}
+                 "class_names": dataset.class_names, "source": data, "eval_resize": dataset.resize_side}
     return Run(cfg=cfg, out=out, device=device, precision=precision, rank=rank, world=world, progress=progress,
                dataset=dataset, val=val, eval_transform=EvalTransform(cfg.augment.global_size, dataset.channels, mean, std),
                data_info=data_info, skipped_written=skipped_written, session=session)
+
+
+DATA_INDEX_NAME = "data_index.json"
+"""Run-folder list of a streamed folder's images (twist.data.listing), so a resume lists nothing.
+Streamed photo folders are listed once, their training views cut at decode time from the
+original photos (``batch_loader(views=...)``; train.image_size then only sizes data held in
+memory), and their evaluation batches are the release's centre crops (``crop_size``)."""
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+"""ImageNet's per-channel statistics, as the release normalises (train.normalize=imagenet)."""
+
+
+def data_mean_std(cfg: TwistConfig, dataset: ImageDataset) -> tuple[list[float], list[float]]:
+    """The normalisation of the run: ImageNet's (train.normalize=imagenet, the release presets;
+    RGB only), else the data's own: exact for data in memory, estimated from a seeded sample of
+    500 evaluation crops for streamed folders (stored in the checkpoint with the weights)."""
+    if cfg.train.normalize == "imagenet" and dataset.channels == 3:
+        return list(IMAGENET_MEAN_STD[0]), list(IMAGENET_MEAN_STD[1])
+    return dataset_stats(dataset.images if dataset.in_memory else dataset.sample_images(500, cfg.train.seed))
 
 
 def build_networks(cfg: TwistConfig, run: Run) -> tuple[nn.Module, nn.Module | None]:
@@ -244,7 +265,7 @@ class TwistStep:
 
     def __call__(self, images: torch.Tensor, it: int) -> tuple[Any, bool, torch.Tensor | None]:
         set_step_values(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
-        images = images.to(self.device, non_blocking=True)
+        images = batch_to_device(images, self.device)
         views = [v.contiguous(memory_format=self.memory_format) for v in self.augment(images, self.aug_gen)]
         terms, finite = train_step(self.forward_model, self.criterion, self.optimizer, views, device=self.device,
                                    precision=self.precision, scaler=self.scaler, clip_grad=self.clip_grad,
@@ -268,6 +289,7 @@ class TwistStage(Stage):
         cfg = run.cfg
         self.run, self.cfg, self.model, self.teacher = run, cfg, model, teacher
         self.epochs = cfg.train.epochs
+        self.view_plan = ViewPlan.from_augment(cfg.augment, cfg.train.seed)
         criterion = TwistLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau, cfg.loss.eps)
         info = run.data_info
         augment = MultiCropAugment(cfg.augment, info["channels"], info["mean"], info["std"])

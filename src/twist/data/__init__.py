@@ -26,6 +26,11 @@ Sources (chosen from ``spec``)
   Without such sub-folders ``labels`` and ``class_names`` are ``None``. One split: every
   ``split`` returns the whole folder (point the spec at the split's folder instead).
 
+- WebDataset-style tar shards: a ``.tar`` file, a list of them (a Python list or one string
+  separated by commas), or a folder whose top level holds ``.tar`` files: members ``KEY.jpg``
+  (any image extension) with an optional ``KEY.cls`` integer label (labels only when every image
+  has one). Always streamed; see :mod:`twist.data.shards`.
+
 Arrays (npz, digits) are always held in memory; ``max_memory_gb`` concerns folders only.
 
 Folder images
@@ -59,12 +64,28 @@ are not valid UTF-8 are kept as ``str`` with surrogate escapes (they open fine);
 
 Memory and streaming
 --------------------
-A folder whose decoded size ``N*C*H*W`` bytes exceeds ``max_memory_gb`` GiB is streamed: the
-scan opens every file's header (size, mode, orientation, pixel limit, ``Image.verify`` which
-checks PNG chunk CRCs) and decoding happens per batch, in ``DataLoader`` workers when
-``num_workers > 0``. Smaller folders are decoded completely at load time (the same header scan
-first, then a full decode, in threads), so nothing can fail during training. A streamed file that
-passes the scan but fails to decode later (e.g. a truncated JPEG, or a file removed since) never
+A folder is first listed without opening any file (``os.scandir``, :mod:`twist.data.listing`).
+The decision between memory and streaming reads only a seeded sample of 64 headers: the
+estimated decoded size is ``N * C * H * W`` bytes with N the listed count, C 1 when every
+sampled image is grey (else 3) and (H, W) ``image_size`` (without it, the sample's median
+shorter side). Above ``max_memory_gb`` GiB the folder is streamed, else (or with
+``scan='full'``) every header is checked (size, mode, orientation, pixel limit,
+``Image.verify``, which checks PNG chunk CRCs) and the exact size decides again: small folders
+are decoded completely at load time, in threads, so nothing can fail during training; they are
+unaffected by ``scan``. A streamed folder under ``scan='list'`` (the default) opens nothing
+more: its bad files are found when decoded (below), so ``bad_files='stop'`` only stops for
+entries the listing itself rejects (unlistable folders, symlink loops); ``scan='full'`` checks
+every header first, as before. With ``index_path``, a streamed list is written there (JSON,
+paths relative to the root) and a later load with the same root (same modification times of
+the root and its first-level folders) and settings reads it instead of listing again.
+
+Streamed folders (and shards) decode per batch, in ``DataLoader`` workers when
+``num_workers > 0``. With ``crop_size > 0`` (what training, evaluation and extraction pass:
+the global crop size) a streamed image is the release's evaluation crop: shorter side resized
+(bicubic) to ``round(crop_size / 0.875)`` (256 for 224), centre ``crop_size`` square; otherwise
+the resize + centre crop of "Folder images". For training, ``batch_loader(views=ViewPlan)``
+instead cuts every view from the ORIGINAL file (:mod:`twist.data.views`): ``image_size`` then
+sizes only data held in memory. A streamed file that fails to decode (e.g. a truncated JPEG, or a file removed since) never
 stops an epoch, under either policy: its slot in the batch gets a copy of the previous good image
 of the same batch (the next one when it is first); the file is added to ``skipped`` once, the
 count ``replaced`` grows, and a warning is logged. If no image of a batch decodes, up to 64 other
@@ -82,6 +103,7 @@ image index) so that evaluation can drop duplicates: see :func:`padding_mask` an
 :func:`real_indices`. With one process nothing is ever padded.
 """
 
+from twist.data.crops import ViewPlan
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import display_path
 from twist.data.folder import IMAGE_EXTENSIONS
@@ -90,6 +112,7 @@ from twist.data.sources import load_dataset
 
 __all__ = [
     "DataError",
+    "ViewPlan",
     "ImageDataset",
     "BatchLoader",
     "load_dataset",

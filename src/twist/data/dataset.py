@@ -8,14 +8,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from twist.data.crops import ViewPlan, image_generator
 from twist.data.decode import decode_image, display_path, failure_reason
 from twist.data.threads import num_threads, ordered_map
+from twist.data.views import decode_views as cut_views
 from twist.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -45,11 +47,16 @@ class ImageDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of every file or directory left out (see the module docstring)."""
     kind: str = "array"
-    """'digits', 'npz', 'npz-splits' or 'folder'."""
+    """'digits', 'npz', 'npz-splits', 'folder' or 'shards' (tar)."""
     replaced: int = 0
     """Streamed only: how many batch slots got a substitute image because a file failed."""
     max_pixels: int | None = None
     """Pixel limit used when decoding streamed files."""
+    resize_side: int = 0
+    """Streamed photos: the shorter side is resized to this before the centre ``size`` crop
+    (``round(size / 0.875)``, the release's Resize 256 + CenterCrop 224); 0 = to ``size``."""
+    members: Any = None
+    """Tar-shard datasets: the member index whose ``read(i)`` returns image ``i``'s bytes."""
     _failed: set = field(default_factory=set)
 
     @property
@@ -96,16 +103,63 @@ class ImageDataset:
         self.record_failures(failures)
         return images
 
-    def decode_batch(self, idx: np.ndarray, threads: int | None) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-        """Decode files ``idx`` (streamed mode); failed slots get a substitute image."""
+    def source(self, i: int) -> str | bytes:
+        """What the decoder opens for image ``i``: its path, or its bytes for a tar shard member."""
         assert self.paths is not None
-        h, w = self.size
-        out = np.empty((len(idx), self.channels, h, w), dtype=np.uint8)
+        return self.paths[i] if self.members is None else self.members.read(i)
+
+    def sample_images(self, count: int, seed: int = 0) -> torch.Tensor:
+        """A seeded sample of up to ``count`` images as uint8 (b, C, H, W) (streamed: decoded now,
+        e.g. to estimate the data's mean and std without reading every file)."""
+        g = torch.Generator().manual_seed(int(seed))
+        pick = torch.randperm(len(self), generator=g)[:count].sort().values
+        return self.get_batch(pick)
+
+    def decode_batch(self, idx: np.ndarray, threads: int | None) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        """Decode files ``idx`` (streamed mode) at ``size`` (shorter side to ``resize_side``
+        first when set); failed slots get a substitute image."""
+        out = np.empty((len(idx), self.channels, *self.size), dtype=np.uint8)
+
+        def one(j: int, i: int) -> None:
+            out[j] = decode_image(self.source(i), self.size, self.channels, self.max_pixels, self.resize_side)
+
+        def copy(dst: int, src: int) -> None:
+            out[dst] = out[src]
+
+        failures = self._decode_slots(idx, one, copy, threads)
+        return torch.from_numpy(out), failures
+
+    def decode_view_batch(self, idx: np.ndarray, plan: ViewPlan, epoch: int,
+                          threads: int | None) -> tuple[list[torch.Tensor], list[tuple[str, str]]]:
+        """Views of ``plan`` cut from files ``idx`` (streamed mode): one uint8 (b, C, S, S) tensor
+        per view. Image ``i``'s boxes come from a generator seeded by (plan.seed, epoch, i), so
+        they do not depend on workers. A failed slot gets the views of a substitute image."""
+        outs = [np.empty((len(idx), self.channels, s, s), dtype=np.uint8) for s in plan.sizes]
+        limit = self.max_pixels or Image.MAX_IMAGE_PIXELS or 100_000_000
+
+        def one(j: int, i: int) -> None:
+            views = cut_views(self.source(i), plan, image_generator(plan.seed, epoch, i), self.channels, limit)
+            for out, view in zip(outs, views):
+                out[j] = view
+
+        def copy(dst: int, src: int) -> None:
+            for out in outs:
+                out[dst] = out[src]
+
+        failures = self._decode_slots(idx, one, copy, threads)
+        return [torch.from_numpy(o) for o in outs], failures
+
+    def _decode_slots(self, idx: np.ndarray, one: Callable[[int, int], None], copy: Callable[[int, int], None],
+                      threads: int | None) -> list[tuple[str, str]]:
+        """Run ``one(slot, image)`` for every slot (in threads); a failed slot is filled by
+        ``copy`` from the previous good slot (the next one when it is first); when none
+        decodes, up to 64 other images are tried for slot 0. Returns (path, reason) failures."""
+        assert self.paths is not None
         paths = self.paths
 
         def work(j: int) -> str | None:
             try:
-                out[j] = decode_image(paths[idx[j]], self.size, self.channels, self.max_pixels)
+                one(j, int(idx[j]))
                 return None
             except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file
                 return failure_reason(exc)
@@ -115,25 +169,26 @@ class ImageDataset:
             threads = 1 if torch.utils.data.get_worker_info() is not None else num_threads()
         results = list(ordered_map(work, range(len(idx)), threads))
         failures = [(paths[idx[j]], r) for j, r in enumerate(results) if r is not None]
-        if failures:
-            ok = np.array([r is None for r in results])
-            if not ok.any():
-                for k in range(1, _REPLACEMENT_TRIES + 1):
-                    try:
-                        out[0] = decode_image(paths[(int(idx[0]) + k) % len(paths)], self.size, self.channels, self.max_pixels)
-                    except Exception:  # noqa: BLE001
-                        continue
-                    ok[0] = True
-                    break
-                else:
-                    path, reason = failures[0]
-                    raise DataError(f"no image of a batch could be decoded (e.g. {display_path(path)}: {reason}); "
-                                    f"the data may have become unreadable")
-            good = np.flatnonzero(ok)
-            for j in np.flatnonzero(~ok):
-                before = good[good < j]
-                out[j] = out[before[-1] if len(before) else good[0]]
-        return torch.from_numpy(out), failures
+        if not failures:
+            return failures
+        ok = np.array([r is None for r in results])
+        if not ok.any():
+            for k in range(1, _REPLACEMENT_TRIES + 1):
+                try:
+                    one(0, (int(idx[0]) + k) % len(paths))
+                except Exception:  # noqa: BLE001
+                    continue
+                ok[0] = True
+                break
+            else:
+                path, reason = failures[0]
+                raise DataError(f"no image of a batch could be decoded (e.g. {display_path(path)}: {reason}); "
+                                f"the data may have become unreadable")
+        good = np.flatnonzero(ok)
+        for j in np.flatnonzero(~ok):
+            before = good[good < j]
+            copy(int(j), int(before[-1] if len(before) else good[0]))
+        return failures
 
     def record_failures(self, failures: Iterable[tuple[str, str]]) -> None:
         for path, reason in failures:

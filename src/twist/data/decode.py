@@ -4,6 +4,7 @@ the short printable reason for a file that fails. See the package docstring for 
 
 from __future__ import annotations
 
+import io
 import os
 import stat as stat_module
 
@@ -35,13 +36,21 @@ class _BadImage(Exception):
     """A file that opens but must not be used (e.g. too many pixels)."""
 
 
-def _open(path: str, max_pixels: int) -> Image.Image:
-    st = os.stat(path)
-    if not stat_module.S_ISREG(st.st_mode):
-        raise _BadImage("not a regular file")
-    if st.st_size == 0:
-        raise _BadImage("empty file (0 bytes)")
-    im = Image.open(path, formats=_PIL_FORMATS)
+def open_image(source: str | bytes, max_pixels: int) -> Image.Image:
+    """Open a file (a path) or the bytes of one (a tar member) with the allowed PIL formats only,
+    refusing empty files, non-regular files and more than ``max_pixels`` pixels. Reads the header
+    only; the caller closes the image."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise _BadImage("empty file (0 bytes)")
+        im = Image.open(io.BytesIO(source), formats=_PIL_FORMATS)
+    else:
+        st = os.stat(source)
+        if not stat_module.S_ISREG(st.st_mode):
+            raise _BadImage("not a regular file")
+        if st.st_size == 0:
+            raise _BadImage("empty file (0 bytes)")
+        im = Image.open(source, formats=_PIL_FORMATS)
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -66,9 +75,9 @@ def _orientation(im: Image.Image) -> int:
     return 1
 
 
-def probe_image(path: str, max_pixels: int) -> tuple[int, int, bool]:
+def probe_image(path: str | bytes, max_pixels: int) -> tuple[int, int, bool]:
     """(width, height) after EXIF orientation and whether the image is grey; raises when bad."""
-    with _open(path, max_pixels) as im:
+    with open_image(path, max_pixels) as im:
         w, h = im.size
         gray = im.mode in _GRAY_MODES
         if _orientation(im) in (5, 6, 7, 8):
@@ -77,22 +86,47 @@ def probe_image(path: str, max_pixels: int) -> tuple[int, int, bool]:
     return w, h, gray
 
 
-def decode_image(path: str, size: tuple[int, int], channels: int, max_pixels: int | None) -> np.ndarray:
-    """One file as uint8 (channels, H, W) (see the module docstring for the conversions)."""
-    with _open(path, max_pixels or Image.MAX_IMAGE_PIXELS or 100_000_000) as im:
-        if im.format in ("JPEG", "MPO"):
-            side = max(size)
-            im.draft(None, (side, side))  # decode at a reduced scale that is still >= side
-        im.load()
-        try:
-            im = ImageOps.exif_transpose(im)
-        except Exception:  # noqa: BLE001 - keep the stored orientation if the EXIF is broken
-            pass
-        im = _to_8bit(im)
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied."""
+    w, h = im.size
+    return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
+
+
+def load_oriented(im: Image.Image, channels: int, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an opened image as 'L' (``channels`` 1) or 'RGB' with its EXIF orientation applied
+    (see the package docstring for the conversions). ``draft`` (stored orientation): for JPEGs,
+    decode at the smallest DCT scale (1/2, 1/4, 1/8) whose size is still >= it."""
+    if draft is not None and im.format in ("JPEG", "MPO"):
+        im.draft(None, draft)
+    im.load()
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - keep the stored orientation if the EXIF is broken
+        pass
+    im = _to_8bit(im)
     if channels == 1 and im.mode != "L":
         im = im.convert("L")
     elif channels == 3 and im.mode != "RGB":
         im = im.convert("RGB")
+    return im
+
+
+def decode_image(path: str | bytes, size: tuple[int, int], channels: int, max_pixels: int | None,
+                 resize_side: int = 0) -> np.ndarray:
+    """One file (or its bytes) as uint8 (channels, H, W): the shorter side resized to cover
+    (H, W) (or to ``resize_side`` when larger, the evaluation geometry of photos), then the
+    centre (H, W) cropped (see the package docstring for the conversions)."""
+    with open_image(path, max_pixels or Image.MAX_IMAGE_PIXELS or 100_000_000) as im:
+        side = max(max(size), resize_side)
+        im = load_oriented(im, channels, (side, side))  # decode at a reduced scale that is still >= side
+    if resize_side > max(size):
+        w, h = im.size
+        scale = resize_side / min(w, h)
+        im = im.resize((max(resize_side, round(w * scale)), max(resize_side, round(h * scale))),
+                       Image.Resampling.BICUBIC)
+        (H, W), (w, h) = size, im.size
+        left, top = (w - W) // 2, (h - H) // 2
+        return to_chw(im.crop((left, top, left + W, top + H)))
     return to_chw(resize_crop(im, size))
 
 

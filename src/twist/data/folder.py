@@ -4,6 +4,7 @@ between decoding everything now and streaming per batch (``max_memory_gb``)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -12,7 +13,8 @@ import torch
 
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import decode_image, display_path, failure_reason, probe_image
-from twist.data.threads import PROGRESS_DELAY_S, num_threads, ordered_map
+from twist.data.listing import list_tree, read_index, tree_identity, write_index
+from twist.data.threads import num_threads, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,10 @@ IMAGE_EXTENSIONS = frozenset(
 """File extensions (lower-case) that make a file in a folder a candidate image."""
 
 _GIB = 1024**3
+SAMPLE_HEADERS = 64
+"""Headers read (a seeded sample) to decide between memory and streaming without a full scan."""
+EVAL_CROP_FRACTION = 0.875
+"""Evaluation of streamed photos: centre crop_size of the shorter side resized to crop_size / this."""
 
 
 class _Skips:
@@ -52,117 +58,157 @@ class _Skips:
                         f"(bad_files='stop'{others}; use bad_files='skip' to leave such files out)")
 
 
-def _scan_tree(root: str, skips: _Skips, progress: bool) -> list[tuple[tuple[str, ...], str]]:
-    """Candidate image files under root as (relative parts, path), sorted by parts."""
-    found: list[tuple[tuple[str, ...], str]] = []
-    root_real = os.path.realpath(root)
-    seen = {root_real}
-
-    def onerror(exc: OSError) -> None:
-        skips.bad(exc.filename if exc.filename is not None else root, f"cannot list directory: {failure_reason(exc)}")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=f"scanning {display_path(os.path.basename(root) or root)}", unit=" files",
-               disable=None if progress else True, delay=PROGRESS_DELAY_S, leave=False)
-    try:
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=onerror):
-            here = os.path.realpath(dirpath)
-            keep = []
-            for d in sorted(dirnames):
-                if d.startswith("."):
-                    continue
-                full = os.path.join(dirpath, d)
-                real = os.path.realpath(full)
-                if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
-                    skips.bad(full, "symlink loop (links to a folder that contains it); not followed")
-                elif real in seen:
-                    skips.note(full, "folder already included through another path; not followed")
-                else:
-                    seen.add(real)
-                    keep.append(d)
-            dirnames[:] = keep
-            rel = os.path.relpath(dirpath, root)
-            rel_parts = () if rel == os.curdir else tuple(rel.split(os.sep))
-            for f in filenames:
-                if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
-                    continue
-                found.append((rel_parts + (f,), os.path.join(dirpath, f)))
-            bar.update(len(filenames))
-    finally:
-        bar.close()
-    found.sort(key=lambda t: t[0])
-    return found
+def _labelled(root: str, skips: _Skips, name: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """Paths and labels of the images to use, and the class names: labels are the first-level
+    sub-folders holding at least one candidate image (labels -1 and no classes without any)."""
+    paths, tops = list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, failure_reason)
+    class_names = sorted(set(tops) - {""})
+    if not class_names:
+        return paths, np.full(len(paths), -1, dtype=np.int64), []
+    class_index = {c: i for i, c in enumerate(class_names)}
+    class_index[""] = -1
+    runs = [(key, sum(1 for _ in group)) for key, group in itertools.groupby(tops)]  # one run per folder
+    labels = np.repeat(np.array([class_index[k] for k, _ in runs], dtype=np.int64), [n for _, n in runs])
+    outside = np.flatnonzero(labels < 0)
+    if len(outside):
+        for i in outside:
+            skips.note(paths[i], "outside the class sub-folders (labels come from first-level sub-folders)")
+        logger.warning("%s: %d image(s) directly in the top folder are left out: with class sub-folders, "
+                       "labels come from the sub-folders", name, len(outside))
+        keep = np.flatnonzero(labels >= 0)
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    return paths, labels, class_names
 
 
-def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float, progress: bool,
-                 max_pixels: int) -> ImageDataset:
-    root = os.path.abspath(root)
-    name = os.path.basename(os.path.normpath(root)) or root
-    skips = _Skips(bad_files)
-    found = _scan_tree(root, skips, progress)
-
-    # labels: first-level sub-folders holding at least one candidate image
-    class_names = sorted({parts[0] for parts, _ in found if len(parts) >= 2})
-    if class_names:
-        class_index = {c: i for i, c in enumerate(class_names)}
-        kept = []
-        for parts, path in found:
-            if len(parts) == 1:
-                skips.note(path, "outside the class sub-folders (labels come from first-level sub-folders)")
-            else:
-                kept.append((path, class_index[parts[0]]))
-        outside = len(found) - len(kept)
-        if outside:
-            logger.warning("%s: %d image(s) directly in the top folder are left out: with class sub-folders, "
-                           "labels come from the sub-folders", name, outside)
-    else:
-        kept = [(path, -1) for _, path in found]
-    if not kept:
-        _raise_empty(root, skips)
-
-    # header scan: size, grey or colour, pixel limit, PNG CRCs
+def _probe_all(paths: list[str], max_pixels: int, progress: bool, desc: str) -> list[tuple[int, int, bool] | str]:
+    """Header of every file (size, grey or colour, pixel limit, PNG CRCs), or the reason it is bad."""
     def probe(path: str) -> tuple[int, int, bool] | str:
         try:
             return probe_image(path, max_pixels)
         except Exception as exc:  # noqa: BLE001
             return failure_reason(exc)
 
-    good: list[tuple[str, int]] = []
-    infos: list[tuple[int, int, bool]] = []
-    for (path, label), info in zip(kept, ordered_map(probe, [p for p, _ in kept], num_threads(),
-                                                      progress=progress, desc=f"checking {name}")):
-        if isinstance(info, str):
-            skips.bad(path, info)
-        else:
-            good.append((path, label))
-            infos.append(info)
-    if not good:
-        _raise_empty(root, skips)
+    return list(ordered_map(probe, paths, num_threads(), progress=progress, desc=desc))
 
+
+def _geometry(infos: list[tuple[int, int, bool]], image_size: int, name: str) -> tuple[int, tuple[int, int]]:
+    """Channels (1 when every image is grey) and the common (H, W) of the decoded images."""
     channels = 1 if all(g for _, _, g in infos) else 3
     if image_size > 0:
-        size = (image_size, image_size)
-    elif len({(w, h) for w, h, _ in infos}) == 1:
-        size = (infos[0][1], infos[0][0])
-    else:
-        side = max(1, int(round(float(np.median([min(w, h) for w, h, _ in infos])))))
-        size = (side, side)
-        logger.info("%s: images differ in size; all are resized to %dx%d (median shorter side)", name, side, side)
+        return channels, (image_size, image_size)
+    if len({(w, h) for w, h, _ in infos}) == 1:
+        return channels, (infos[0][1], infos[0][0])
+    side = max(1, int(round(float(np.median([min(w, h) for w, h, _ in infos])))))
+    logger.info("%s: images differ in size; all are resized to %dx%d (median shorter side)", name, side, side)
+    return channels, (side, side)
 
-    paths = [p for p, _ in good]
-    labels = np.array([lab for _, lab in good], dtype=np.int64) if class_names else None
-    nbytes = len(paths) * channels * size[0] * size[1]
-    ds = ImageDataset(name=name, channels=channels, size=size, labels=labels,
+
+def _sample_infos(paths: list[str], max_pixels: int) -> list[tuple[int, int, bool]]:
+    """Headers of a seeded sample of up to SAMPLE_HEADERS files (bad ones left out)."""
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(paths), size=min(SAMPLE_HEADERS, len(paths)), replace=False)
+    infos = _probe_all([paths[i] for i in sorted(pick)], max_pixels, False, "")
+    return [i for i in infos if not isinstance(i, str)]
+
+
+def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float, progress: bool,
+                max_pixels: int, *, scan: str = "list", index_path: str | None = None,
+                crop_size: int = 0) -> ImageDataset:
+    """An image folder as a dataset (see the package docstring); ``scan``, ``index_path`` and
+    ``crop_size`` concern streamed folders only."""
+    root = os.path.abspath(root)
+    name = os.path.basename(os.path.normpath(root)) or root
+    skips = _Skips(bad_files)
+    settings = {"image_size": image_size, "max_memory_gb": max_memory_gb, "crop_size": crop_size,
+                "max_pixels": max_pixels, "bad_files": bad_files}
+    try:
+        identity = tree_identity(root) if index_path and scan == "list" else None
+    except OSError:  # the root cannot be listed: no index; the listing reports why
+        identity = None
+    index = read_index(index_path, identity, settings) if identity is not None else None
+    if index is not None:
+        return _from_index(index, root, name, max_pixels)
+    paths, labels, class_names = _labelled(root, skips, name)
+    if not paths:
+        _raise_empty(root, skips)
+
+    # streamed or in memory, decided from the count and a sample of headers (no full scan)
+    infos = _sample_infos(paths, max_pixels)
+    channels, size = _geometry(infos or [(1, 1, False)], image_size, name)
+    if len(paths) * channels * size[0] * size[1] <= max_memory_gb * _GIB or scan == "full":
+        return _checked(root, name, paths, labels, class_names, skips, image_size, max_memory_gb, progress, max_pixels,
+                        crop_size)
+    logger.info("%s: about %.2f GiB decoded exceeds max_memory_gb=%g; images are decoded per batch "
+                "(listed, not opened: bad files are found when decoded)", name,
+                len(paths) * channels * size[0] * size[1] / _GIB, max_memory_gb)
+    ds = _streamed(name, paths, labels, class_names, channels, size, max_pixels, crop_size)
+    skips.check()
+    ds.skipped = skips.items
+    if identity is not None:
+        write_index(index_path, identity, settings, {
+            "paths": [os.path.relpath(p, root) for p in ds.paths], "labels": labels.tolist(),
+            "class_names": class_names, "channels": channels, "size": list(size),
+            "skipped": [list(item) for item in skips.items]})
+    return ds
+
+
+def _streamed(name: str, paths: list[str], labels: np.ndarray, class_names: list[str], channels: int, size: tuple[int, int],
+              max_pixels: int, crop_size: int) -> ImageDataset:
+    """A streamed folder dataset; with ``crop_size`` its batches (evaluation) are photos' centre
+    crops: the shorter side resized to round(crop_size / 0.875), then the centre crop_size square."""
+    ds = ImageDataset(name=name, channels=channels, size=size, labels=labels if class_names else None,
                       class_names=class_names or None, paths=paths, kind="folder", max_pixels=max_pixels)
+    if crop_size > 0:
+        ds.size = (crop_size, crop_size)
+        ds.resize_side = int(round(crop_size / EVAL_CROP_FRACTION))
+    return ds
+
+
+def _from_index(index: dict, root: str, name: str, max_pixels: int) -> ImageDataset:
+    """The streamed dataset a run's index file describes (a resumed run lists nothing)."""
+    paths = [os.path.join(root, rel) for rel in index["paths"]]
+    labels = np.asarray(index["labels"], dtype=np.int64)
+    settings = index["settings"]
+    ds = _streamed(name, paths, labels, list(index["class_names"]), int(index["channels"]), tuple(index["size"]),
+                   max_pixels, int(settings["crop_size"]))
+    ds.skipped = [(str(p), str(r)) for p, r in index["skipped"]]
+    logger.info("%s: %d images from the run's index (not listed again)", name, len(ds))
+    return ds
+
+
+def _checked(root: str, name: str, paths: list[str], labels: np.ndarray, class_names: list[str], skips: _Skips,
+             image_size: int, max_memory_gb: float, progress: bool, max_pixels: int, crop_size: int) -> ImageDataset:
+    """Every header checked first (train.scan=full, and folders small enough for memory), then
+    either streamed or decoded completely."""
+    good: list[int] = []
+    infos: list[tuple[int, int, bool]] = []
+    for i, info in enumerate(_probe_all(paths, max_pixels, progress, f"checking {name}")):
+        if isinstance(info, str):
+            skips.bad(paths[i], info)
+        else:
+            good.append(i)
+            infos.append(info)
+    paths, labels = [paths[i] for i in good], labels[good]
+    if not good:
+        _raise_empty(root, skips)
+    channels, size = _geometry(infos, image_size, name)
+    nbytes = len(good) * channels * size[0] * size[1]
     if nbytes > max_memory_gb * _GIB:
         logger.info("%s: %.2f GiB decoded exceeds max_memory_gb=%g; images are decoded per batch",
                     name, nbytes / _GIB, max_memory_gb)
         skips.check()
+        ds = _streamed(name, paths, labels, class_names, channels, size, max_pixels, crop_size)
         ds.skipped = skips.items
         return ds
+    return _decode_all(root, name, paths, labels, class_names, channels, size, skips, progress, max_pixels)
 
-    # full decode into one preallocated (N, C, H, W) array
+
+def _decode_all(root: str, name: str, paths: list[str], labels: np.ndarray, class_names: list[str], channels: int,
+                size: tuple[int, int], skips: _Skips, progress: bool, max_pixels: int) -> ImageDataset:
+    """Decode every image into one preallocated (N, C, H, W) array (threads)."""
+    labels = labels if class_names else None
+    ds = ImageDataset(name=name, channels=channels, size=size, labels=labels,
+                      class_names=class_names or None, paths=paths, kind="folder", max_pixels=max_pixels)
     arr = np.empty((len(paths), channels, size[0], size[1]), dtype=np.uint8)
 
     def work(i: int) -> str | None:

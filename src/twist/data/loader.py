@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from twist.data.crops import ViewPlan
 from twist.data.dataset import ImageDataset
 from twist.data.threads import num_threads
 
@@ -25,17 +26,23 @@ def real_indices(indices: torch.Tensor) -> torch.Tensor:
 class _BatchSet(torch.utils.data.Dataset):
     """One item = one whole batch, decoded in a DataLoader worker (streamed datasets)."""
 
-    def __init__(self, dataset: ImageDataset, batches: list[torch.Tensor], threads: int) -> None:
+    def __init__(self, dataset: ImageDataset, batches: list[torch.Tensor], threads: int,
+                 views: ViewPlan | None = None, epoch: int = 0) -> None:
         self.dataset = dataset
         self.batches = batches
         self.threads = threads
+        self.views, self.epoch = views, epoch
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, list[tuple[str, str]]]:
         idx = self.batches[i]
-        images, failures = self.dataset.decode_batch(real_indices(idx).numpy(), self.threads)
+        real = real_indices(idx).numpy()
+        if self.views is not None:
+            views, failures = self.dataset.decode_view_batch(real, self.views, self.epoch, self.threads)
+            return views, idx, failures
+        images, failures = self.dataset.decode_batch(real, self.threads)
         return images, idx, failures
 
 
@@ -46,7 +53,7 @@ class BatchLoader:
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
                  epoch: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, start_batch: int = 0) -> None:
+                 pin_memory: bool = False, start_batch: int = 0, views: ViewPlan | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -60,6 +67,7 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.start_batch = max(int(start_batch), 0)
+        self.views = views if dataset.images is None else None  # arrays in memory keep the batched crops
         n = len(dataset)
         if drop_last:
             self.per_rank = n // world_size
@@ -96,7 +104,7 @@ class BatchLoader:
         # a resumed epoch starts after the batches it already trained on (not decoded again)
         return list(torch.split(self.indices(), self.batch_size))[self.start_batch:]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]]:
         ds = self.dataset
         batches = self._batches()
         if ds.images is not None:
@@ -107,7 +115,7 @@ class BatchLoader:
             return
         threads = 1 if self.num_workers > 0 else num_threads()
         loader = torch.utils.data.DataLoader(
-            _BatchSet(ds, batches, threads), batch_size=None, shuffle=False, num_workers=self.num_workers,
+            _BatchSet(ds, batches, threads, self.views, self.epoch), batch_size=None, shuffle=False, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers > 0 else None)
         for images, idx, failures in loader:
             if failures:
@@ -117,14 +125,17 @@ class BatchLoader:
 
 def batch_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, epoch: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, start_batch: int = 0) -> BatchLoader:
+                 pin_memory: bool = False, start_batch: int = 0, views: ViewPlan | None = None) -> BatchLoader:
     """Batches ``(uint8 images (b, C, H, W), int64 indices)`` of one epoch for one rank.
 
     Deterministic in ``(seed, epoch)``; ranks take disjoint strided slices of one permutation;
     without ``drop_last`` padded entries carry index ``-1 - i`` (see the module docstring).
     In-memory datasets are indexed with one tensor operation per batch; streamed ones are
     decoded by a ``DataLoader`` with ``num_workers`` worker processes (threads when 0).
+    ``views``: for streamed datasets, each batch is instead a list of uint8 view batches
+    ``[(b, C, S, S) per view]`` cut at decode time from the original files (see
+    :mod:`twist.data.views`); in-memory datasets ignore it and yield whole images.
     """
     return BatchLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch,
                        rank=rank, world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
-                       start_batch=start_batch)
+                       start_batch=start_batch, views=views)

@@ -17,13 +17,14 @@ from PIL import Image
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import display_path, failure_reason, resize_crop, to_chw
 from twist.data.folder import load_folder
+from twist.data.shards import load_shards, shard_files
 from twist.data.threads import num_threads, ordered_map
 
 logger = logging.getLogger(__name__)
 
 
 def load_dataset(
-    spec: str,
+    spec: str | list[str],
     split: str = "train",
     image_size: int = 0,
     bad_files: str = "skip",
@@ -31,12 +32,21 @@ def load_dataset(
     progress: bool = True,
     *,
     max_pixels: int | None = None,
+    scan: str = "list",
+    index_path: str | os.PathLike | None = None,
+    crop_size: int = 0,
 ) -> ImageDataset:
     """Load ``spec`` ('digits', a .npz file, a folder of .npz splits or an image folder).
 
     See the module docstring for the sources, conversions and policies. ``max_pixels`` is the
     decompression-bomb limit for folder images (None = PIL's ``Image.MAX_IMAGE_PIXELS``).
+    Streamed folders only: ``scan`` 'list' (names only; bad files found when decoded) or 'full'
+    (every header checked first); ``index_path`` keeps the list there for the next load;
+    ``crop_size`` > 0 makes their batches the evaluation crops of photos (shorter side resized
+    to round(crop_size / 0.875), centre crop_size square).
     """
+    if scan not in ("list", "full"):
+        raise DataError(f"scan must be 'list' or 'full', got {scan!r}")
     if bad_files not in ("skip", "stop"):
         raise DataError(f"bad_files must be 'skip' or 'stop', got {bad_files!r}")
     if image_size < 0:
@@ -46,6 +56,11 @@ def load_dataset(
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS or 100_000_000
     Image.init()  # register PIL's plugins once, before any decoding thread starts
+    shards = shard_files(spec)
+    if shards is not None:
+        ds = load_shards(shards, image_size, max_pixels, crop_size)
+        logger.info("%s", ds.describe())
+        return ds
     spec = str(spec)
     if not spec:
         raise DataError("empty dataset spec: give 'digits', a .npz file or a directory")
@@ -60,7 +75,8 @@ def load_dataset(
             if npz:
                 ds = _load_npz_split_dir(path, npz, split)
             else:
-                ds = load_folder(path, image_size, bad_files, max_memory_gb, progress, max_pixels)
+                ds = load_folder(path, image_size, bad_files, max_memory_gb, progress, max_pixels, scan=scan,
+                                 index_path=os.fspath(index_path) if index_path else None, crop_size=crop_size)
         elif path.lower().endswith(".npz"):
             ds = _load_npz_files([path], _stem(path), os.path.dirname(os.path.abspath(path)), "npz")
         else:

@@ -1,0 +1,274 @@
+"""Speed of twist's photo loader against a release-style loader, and start-up on a large tree.
+
+    python benchmarks/photo_loader.py                  # synthetic ImageNet-like folder (made once)
+    python benchmarks/photo_loader.py --data DIR       # your own folder of class sub-folders
+
+Both loaders read the same files with the same number of DataLoader workers (--workers, 1 by
+default) and batches of --batch images:
+- release-style: torchvision ``ImageFolder`` with the release's per-image PIL transforms
+  (RandomResizedCrop bicubic, horizontal flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8,
+  RandomGrayscale 0.2, PIL Gaussian blur, solarization, ToTensor, Normalize), written here from
+  the release's description (bytedance/TWIST augmentation.py);
+- twist: a streamed folder, views cut at decode time in the worker (``batch_loader(views=...)``),
+  then ``MultiCropAugment.photometric`` on the batch in the main process, as training runs it.
+A third figure times twist's loader without the photometric ops: the CPU's share when they run
+on a GPU, as they do in GPU training. Recipes: the release multi-crop one (2 x 224 + 6 x 96, the vit-small preset's crops) and two
+views (2 x 224, the rn50-twoview preset's crops). "Per core" = images per CPU-second of all
+processes (main + workers, from getrusage), so a loader that keeps two cores busy is not
+credited twice; wall-clock images/s are printed too.
+
+Start-up: a tree of --tree-files one-byte ``.jpg`` files (1000 per folder) is listed by
+``load_dataset`` as a streamed folder (scan=list; nothing is opened except a 64-file header
+sample) and by a plain recursive ``os.scandir`` walk; best of 3 each, warm cache. Then a second
+load with the run's index counts how many times the tree is listed again (should be 0).
+
+The last line of stdout is one JSON object with multicrop_speedup, twoview_speedup,
+startup_over_scandir and the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from twist.augment import MultiCropAugment
+from twist.presets import get_preset
+from twist.data import ViewPlan, batch_loader, load_dataset
+from twist.runtime import keep_freed_cpu_memory
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# ---------------------------------------------------------------------- synthetic data
+def make_photos(root: Path, count: int, classes: int = 10, seed: int = 0) -> None:
+    """``count`` JPEGs (quality 90) in ``classes`` folders, ImageNet-like sizes (median about
+    500 x 375: mostly 4:3 landscape, some portrait and square, the longer side log-normal around
+    500) with content that does not compress away: a smooth random field plus pixel noise."""
+    marker = root / f".made-{count}-{classes}-{seed}"
+    if marker.exists():
+        return
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        long_side = int(np.clip(rng.lognormal(np.log(500), 0.25), 160, 1400))
+        shape = rng.choice([4 / 3, 3 / 4, 1.0, 3 / 2], p=[0.6, 0.15, 0.1, 0.15])
+        w, h = (long_side, round(long_side / shape)) if shape >= 1 else (round(long_side * shape), long_side)
+        coarse = rng.random((max(2, h // 24), max(2, w // 24), 3)) * 255
+        field = Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (h, w, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+            root / f"class{i % classes:02d}" / f"img{i:05d}.jpg", quality=90)
+    marker.touch()
+
+
+def make_tree(root: Path, files: int, per_folder: int = 1000) -> None:
+    marker = root.parent / f".{root.name}-made-{files}"  # outside the tree: the walks count every entry
+    if marker.exists():
+        return
+    for i in range(files):
+        folder = root / f"n{i // per_folder:05d}"
+        if i % per_folder == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"f{i:07d}.jpg", "wb") as f:
+            f.write(b"\xff")
+    marker.touch()
+
+
+# ---------------------------------------------------------------------- release-style transforms
+class _Blur:
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        if random.random() < self.p:
+            return im.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+        return im
+
+
+class _Solarize:
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        return ImageOps.solarize(im) if random.random() < self.p else im
+
+
+def release_views(global_scale, local_scale, num_local: int, blur=(1.0, 0.1, 0.5), solar=(0.0, 0.2, 0.0)):
+    """The release's per-image multi-crop transform (num_local=0: its two-view variant)."""
+    from torchvision import transforms as T
+
+    colour = [T.RandomHorizontalFlip(0.5),
+              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+              T.RandomGrayscale(0.2)]
+    tail = [T.ToTensor(), T.Normalize(*IMAGENET_STATS)]
+
+    def view(size, scale, b, s):
+        return T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                          *colour, _Blur(b), _Solarize(s), *tail])
+
+    chain = [view(224, global_scale, blur[0], solar[0]), view(224, global_scale, blur[1], solar[1])]
+    chain += [view(96, local_scale, blur[2], solar[2])] * num_local
+
+    def apply(im):
+        return [t(im) for t in chain]
+
+    return apply
+
+
+# ---------------------------------------------------------------------- timing
+def _cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _measure(run) -> dict:
+    """Run ``run()`` (returns the number of images) and time it: wall and CPU of all processes."""
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    n = run()
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    return {"images": n, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+            "images_per_s": round(n / wall, 2), "images_per_cpu_s": round(n / cpu, 2)}
+
+
+def release_loader(root: str, transform, subset: list[int], batch: int, workers: int) -> dict:
+    from torchvision.datasets import ImageFolder
+
+    ds = torch.utils.data.Subset(ImageFolder(root, transform=transform), subset)
+
+    def run() -> int:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
+        n = 0
+        for views, _ in loader:
+            n += views[0].shape[0]
+        return n
+
+    return _measure(run)
+
+
+def twist_loader(root: str, aug_cfg, subset_size: int, batch: int, workers: int, photometric: bool = True) -> dict:
+    ds = load_dataset(root, "train", image_size=aug_cfg.global_size, max_memory_gb=1e-9, progress=False,
+                      crop_size=aug_cfg.global_size)
+    ds.paths, ds.labels = ds.paths[:subset_size], ds.labels[:subset_size] if ds.labels is not None else None
+    plan = ViewPlan.multicrop(aug_cfg.global_size, aug_cfg.local_size, aug_cfg.num_local, aug_cfg.global_scale,
+                              aug_cfg.local_scale, aug_cfg.ratio, aug_cfg.interpolation, 0)
+    augment = MultiCropAugment(aug_cfg, ds.channels, *IMAGENET_STATS)
+    gen = torch.Generator().manual_seed(0)
+
+    def run() -> int:
+        n = 0
+        for views, _ in batch_loader(ds, batch, shuffle=True, drop_last=False, seed=0, epoch=0,
+                                     num_workers=workers, views=plan):
+            if photometric:
+                views = augment.photometric(views, gen)
+            n += views[0].shape[0]
+        return n
+
+    return _measure(run)
+
+
+def startup(tree: Path, work: Path) -> dict:
+    import twist.data.folder as folder_module
+
+    def scandir_walk() -> int:
+        count, stack = 0, [str(tree)]
+        while stack:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.is_dir():
+                        stack.append(e.path)
+                    else:
+                        count += 1
+        return count
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def twist_list() -> None:
+        load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224)
+
+    index = work / "index.json"
+    index.unlink(missing_ok=True)
+    scandir_s, twist_s = best(scandir_walk), best(twist_list)
+    load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
+                 index_path=index)  # a first run writes the index
+    calls = []
+    original = folder_module.list_tree
+    folder_module.list_tree = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        t0 = time.perf_counter()
+        ds = load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
+                          index_path=index)
+        resume_s = time.perf_counter() - t0
+    finally:
+        folder_module.list_tree = original
+    return {"files": scandir_walk(), "scandir_s": round(scandir_s, 4), "twist_list_s": round(twist_s, 4),
+            "startup_over_scandir": round(twist_s / scandir_s, 2), "resume_load_s": round(resume_s, 4),
+            "resume_listings": len(calls), "resume_images": len(ds)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", help="a folder of class sub-folders of photos (default: a synthetic one)")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "twist_photo_bench"),
+                    help="where the synthetic folder and tree are made (kept for the next run)")
+    ap.add_argument("--photos", type=int, default=2000, help="synthetic photos to make")
+    ap.add_argument("--images", type=int, default=320, help="images timed per loader and recipe")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--tree-files", type=int, default=100_000)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    keep_freed_cpu_memory()  # as twist train does on CPU; process-wide, so both loaders (and forked workers) get it
+    work = Path(args.work)
+    root = Path(args.data) if args.data else work / "photos"
+    if not args.data:
+        t0 = time.perf_counter()
+        make_photos(root, args.photos)
+        print(f"synthetic folder {root}: {args.photos} JPEGs ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    subset = list(range(args.images))
+    random.seed(0)
+    torch.manual_seed(0)
+    mc, tv = get_preset("vit-small").augment, get_preset("rn50-twoview").augment
+    result: dict = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "workers": args.workers, "batch": args.batch, "images": args.images}
+    for name, cfg in (("multicrop", mc), ("twoview", tv)):
+        rel = release_loader(str(root), release_views(cfg.global_scale, cfg.local_scale, cfg.num_local),
+                             subset, args.batch, args.workers)
+        tw = twist_loader(str(root), cfg, args.images, args.batch, args.workers)
+        cut = twist_loader(str(root), cfg, args.images, args.batch, args.workers, photometric=False)
+        result[name] = {"release": rel, "twist": tw, "twist_views_only": cut}
+        result[f"{name}_speedup"] = round(tw["images_per_cpu_s"] / rel["images_per_cpu_s"], 2)
+        # on a GPU the photometric ops run there: the CPU then only decodes and cuts views
+        result[f"{name}_speedup_cpu_side_of_gpu_training"] = round(cut["images_per_cpu_s"] / rel["images_per_cpu_s"], 2)
+        print(f"{name}: release {rel['images_per_cpu_s']} img/CPU-s ({rel['images_per_s']} img/s), "
+              f"twist {tw['images_per_cpu_s']} img/CPU-s ({tw['images_per_s']} img/s): "
+              f"x{result[f'{name}_speedup']}; views only (photometric on a GPU) {cut['images_per_cpu_s']} img/CPU-s: "
+              f"x{result[f'{name}_speedup_cpu_side_of_gpu_training']}", file=sys.stderr)
+    tree = work / "tree"
+    make_tree(tree, args.tree_files)
+    result["startup"] = startup(tree, work)
+    result["startup_over_scandir"] = result["startup"]["startup_over_scandir"]
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
