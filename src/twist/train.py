@@ -200,7 +200,8 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, model: nn.Module) -> None
     weights, state = ckpt.get("model"), ckpt.get("state")
     if not isinstance(weights, dict) or not isinstance(state, dict):
         refuse("it is not a twist training checkpoint (no model weights and run state)")
-    if not all(type(state.get(k)) is int and state[k] >= 0 for k in ("epoch", "step_in_epoch", "global_step")):
+    if not all(type(state.get(k)) is int and state[k] >= 0 for k in ("epoch", "step_in_epoch", "global_step")) \
+            or type(state.get("heads_dropped", False)) is not bool:
         refuse(f"its run state is invalid ({state!r:.200})")
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
@@ -245,6 +246,7 @@ class RunState:
     epoch: int = 0            # epochs completed
     step_in_epoch: int = 0    # optimiser steps completed inside the current epoch
     global_step: int = 0
+    heads_dropped: bool = False  # model.drop_heads_after has removed the losing heads
 
 
 def _rng_state(aug_gen: torch.Generator) -> dict[str, Any]:
@@ -360,6 +362,8 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         ckpt = tdist.broadcast_object(ckpt)
     epoch_sums = None
     if ckpt is not None:
+        if isinstance(ckpt.get("state"), dict) and ckpt["state"].get("heads_dropped") is True:
+            unwrap(model).drop_losing_heads(optimizer)  # the same model and optimiser groups as when saved
         _check_resumable(ckpt, ckpt_path, unwrap(model))
         unwrap(model).load_state_dict(ckpt["model"])
         if ckpt.get("optimizer") is None:  # imported weights (twist import): fresh optimiser and schedule
@@ -519,6 +523,9 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
                 record["overcluster_loss"] = head_losses[n_candidates].item()
             record["head_losses"] = head_losses[:n_candidates].tolist()
             record["promoted_head"] = best
+            if 0 < cfg.model.drop_heads_after <= epoch + 1 and world == 1 and unwrap(model).drop_losing_heads(optimizer):
+                state.heads_dropped = record["heads_dropped"] = True  # only the winner trains on
+                n_candidates, n_trained_heads = len(unwrap(model).heads), len(unwrap(model).trained_heads)
         last_epoch = epoch + 1 == cfg.train.epochs
         if val.labels is not None and cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
             record.update(evaluate_model(unwrap(model), val, eval_transform, device=device, precision=precision,
