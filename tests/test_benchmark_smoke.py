@@ -102,6 +102,6 @@ def test_contrastive_baselines_keep_a_wide_projector_when_twist_heads_are_narrow
     assert simclr.head[0].out_features == 1024 and simclr.head[-1].out_features == 128
     barlow, crit = baselines.build_objective("barlow", cfg, 3)
     assert barlow.head[-1].out_features == 1024 and crit.dim == 1024
-    wide = apply_overrides(get_preset("digits"), ["model.small_cnn_width=4"])  # 2048-wide heads: kept
+    wide = apply_overrides(get_preset("digits"), ["model.small_cnn_width=4", "model.hidden_dim=2048"])  # kept
     assert baselines.build_objective("simclr", wide, 1)[0].head[0].out_features == wide.model.hidden_dim == 2048
     assert baselines.build_objective("simclr", cfg, 3, projector_dim=32)[0].head[0].out_features == 32
