@@ -896,17 +896,19 @@ def main_all(argv: list[str]) -> list[dict[str, Any]]:
         print(f"\n===== preset {name} =====", flush=True)
         results.append(main(one))
     print("\n| preset | heads (hidden) | ceiling img/s | full img/s | full / ceiling | after the drop: img/s, "
-          "full / ceiling | over the run | CPU s/step ceiling / full | load (1 min) | CPU |")
+          "full / ceiling | over the run | CPU s/step ceiling / full (/ after the drop) | load (1 min) | CPU |")
     print("| --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- | --- |")
     for r in results:
         cpu = {k: statistics.median(v) / r["steps"] for k, v in r["cpu_s"].items()}
         heads = f"{r['num_heads']} + {1 if r['overcluster_classes'] else 0} ({r['hidden_dim']})"
+        cpu_after = f" / {cpu['full_dropped']:.3f}" if "full_dropped" in cpu else ""
         drop = (f"{r['full_dropped_ips']:.1f}, {r['full_dropped_over_ceiling']:.3f} (from epoch "
                 f"{r['drop_heads_after']} of {r['epochs']})" if r.get("full_dropped_ips") else "no drop")
         print(f"| {r['preset']} | {heads} | {r['ceiling_ips']:.1f} | {r['full_ips']:.1f} | "
               f"{r.get('full_over_ceiling', float('nan')):.3f} | {drop} | "
               f"{r.get('run_full_over_ceiling', r.get('full_over_ceiling', float('nan'))):.3f} | "
-              f"{cpu.get('ceiling', float('nan')):.3f} / {cpu['full']:.3f} | {r['load_start']} -> {r['load_end']} | "
+              f"{cpu.get('ceiling', float('nan')):.3f} / {cpu['full']:.3f}{cpu_after} | "
+              f"{r['load_start']} -> {r['load_end']} | "
               f"{r['cpu']}, {r['threads']} thread(s), {r['precision']} |")
     print(json.dumps({"presets": results}))
     return results
