@@ -443,7 +443,7 @@ def _digits() -> TwistConfig:
       backbone-only ceiling on a 2-core fp32 CPU). Width 512 scored as well over nine seeds
       (docs/results.md; 2048 had beaten 512 before rotation, shear and the two local views were
       in the recipe) at 0.75 x the ceiling, and after epoch 8 of 20 only the promoted head trains
-      on (model.drop_heads_after; 0.90 x the ceiling), 0.83 over the run. The heads' losses stay
+      on (model.drop_heads_after; 0.92-0.94 x the ceiling): 0.84-0.86 over the run. The heads' losses stay
       within ~0.001 of each other on most seeds once the partitions have formed (the promoted
       head then changes between near-equal heads), so the other four no longer buy anything
       by then. Width 256 (0.84 without a drop) was not run over the seeds.
@@ -480,9 +480,9 @@ def _mnist() -> TwistConfig:
     (model.drop_heads_after): by then the per-head losses order the heads by ACC (at epoch 5 the
     three lowest-loss heads scored 0.990, 0.990 and 0.978, the two highest 0.87 and 0.86), and
     the second half trains one head. Five 2048-wide heads made the full step 0.31-0.33 x the
-    backbone-only ceiling on a 2-core fp32 CPU; five of width 512 0.75-0.83 and 0.83-0.92 after
+    backbone-only ceiling on a 2-core fp32 CPU; five of width 512 0.75-0.79 and 0.83-0.91 after
     the drop, too close to the 0.8 target; 256 (as the cifar10 preset, where the width did not
-    matter) clears it (benchmarks/throughput.py --preset all, docs/benchmarks.md). Not yet run
+    matter) clears it (0.84-0.86 before the drop, 0.98-1.0 after, 0.91-0.93 over the run) (benchmarks/throughput.py --preset all, docs/benchmarks.md). Not yet run
     for quality at 256 / the drop: docs/results.md says which runs are pending.
     """
     c = _digits()
