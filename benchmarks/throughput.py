@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --preset cifar10 --data /path/to/cifar10     # real npz data
     python benchmarks/throughput.py --preset cifar10 --sweep --no-baseline       # memory/speed vs B, C, crops
     python benchmarks/throughput.py --preset cifar10 --device cuda               # the same on a GPU
+    python benchmarks/throughput.py --preset all --no-baseline --threads 1        # one row per CPU preset
 
 Three measurements, interleaved window by window (so that a machine whose load changes during
 the run affects all three alike), each the median images per second over ``--windows`` timed
@@ -26,7 +27,11 @@ windows of ``--steps`` optimiser steps after ``--warmup`` untimed steps:
     timed window), fp32, NCHW, the same TwistLoss and optimiser.
 
 Images per second count source images (one image = all its 2 + N views). The ratios
-``full / ceiling`` and ``full / baseline`` are printed.
+``full / ceiling`` and ``full / baseline`` are printed. When the preset drops its losing heads
+(``model.drop_heads_after``), a fourth phase, ``full_dropped``, times the same step after the
+drop, and ``run_full_over_ceiling`` is the ratio over the whole run (both phases weighted by
+their steps). ``--preset all`` runs digits, mnist and cifar10 one after another and ends with one
+markdown row per preset (with the CPU) and a JSON line ``{"presets": [...]}``.
 
 A time breakdown of the full step (instrumented steps after the timed windows: data,
 augmentation, backbone forward, head forward, loss forward, loss backward, head backward,
@@ -394,6 +399,31 @@ class FullStep:
         return statistics.median(times[1:])
 
 
+def after_drop(step: FullStep) -> FullStep:
+    """``step`` as it runs once ``model.drop_heads_after`` epochs are done: the losing heads
+    removed from the model and the optimiser (``TwistModel.drop_losing_heads``), timed as its
+    own phase ``full_dropped``."""
+    step.name = "full_dropped"
+    step.model.drop_losing_heads(step.optimizer)
+    return step
+
+
+def drops_heads(cfg: TwistConfig) -> bool:
+    """True when a run of ``cfg`` drops its losing heads before its last epoch."""
+    return cfg.model.num_heads > 1 and 0 < cfg.model.drop_heads_after < cfg.train.epochs
+
+
+def run_average(cfg: TwistConfig, before: float, after: float | None) -> float:
+    """full / ceiling over a whole run: the ceiling's time for all its steps over the full step's,
+    the steps before the drop at ratio ``before`` and those after at ``after`` (every epoch has
+    the same number of steps)."""
+    if after is None or not drops_heads(cfg):
+        return before
+    n1 = cfg.model.drop_heads_after
+    n2 = cfg.train.epochs - n1
+    return (n1 + n2) / (n1 / before + n2 / after)
+
+
 # ====================================================================== (c) release-style baseline
 class _PILBlur:
     """Gaussian blur of a PIL image with probability p, sigma uniform in a range (the release's way)."""
@@ -640,6 +670,8 @@ def _memory_server(conn, argv: list[str], kind: str, point: tuple[int, int, int]
             phase = Ceiling(cfg, dataset.channels, device, False)
         elif kind == "full":
             phase = FullStep(cfg, dataset, device, precision, False, mean, std)
+        elif kind == "full_dropped":
+            phase = after_drop(FullStep(cfg, dataset, device, precision, False, mean, std))
         else:
             phase = ReleaseBaseline(cfg, dataset, device, args.baseline_workers, mean, std)
         phase.step()
@@ -798,7 +830,7 @@ def sweep(base: TwistConfig, dataset: ImageDataset, device: torch.device, precis
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cifar10")
+    ap.add_argument("--preset", default="cifar10", help=f"a preset, or 'all' ({', '.join(ALL_PRESETS)}, one after another)")
     ap.add_argument("--data", default="", help="dataset (npz file/folder, image folder, digits); default synthetic")
     ap.add_argument("--num-images", type=int, default=2048, help="synthetic dataset size")
     ap.add_argument("--batch-size", type=int, default=0, help="default: the preset's")
@@ -832,9 +864,61 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+ALL_PRESETS = ("digits", "mnist", "cifar10")
+"""``--preset all``: the presets meant for a CPU (the GPU and ImageNet recipes take minutes
+per step there)."""
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 / native bf16 (what the precision follows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    simd = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512, no bf16" if "avx512f" in flags else "no AVX-512"
+    return f"{name.group(1).strip() if name else platform.machine()}, {os.cpu_count()} cores, {simd}"
+
+
+def main_all(argv: list[str]) -> list[dict[str, Any]]:
+    """``--preset all``: one run of :func:`main` per preset of ALL_PRESETS (the other options
+    as given), then one table row per preset and a JSON line ``{"presets": [...]}``."""
+    results = []
+    for name in ALL_PRESETS:
+        one = []
+        for i, a in enumerate(argv):  # --preset all / --preset=all -> this preset
+            if a == "--preset=all" or (a == "all" and i and argv[i - 1] == "--preset"):
+                a = f"--preset={name}" if a.startswith("--preset") else name
+            one.append(a)
+        print(f"\n===== preset {name} =====", flush=True)
+        results.append(main(one))
+    print("\n| preset | heads (hidden) | ceiling img/s | full img/s | full / ceiling | after the drop: img/s, "
+          "full / ceiling | over the run | CPU s/step ceiling / full (/ after the drop) | load (1 min) | CPU |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- | --- |")
+    for r in results:
+        cpu = {k: statistics.median(v) / r["steps"] for k, v in r["cpu_s"].items()}
+        heads = f"{r['num_heads']} + {1 if r['overcluster_classes'] else 0} ({r['hidden_dim']})"
+        cpu_after = f" / {cpu['full_dropped']:.3f}" if "full_dropped" in cpu else ""
+        drop = (f"{r['full_dropped_ips']:.1f}, {r['full_dropped_over_ceiling']:.3f} (from epoch "
+                f"{r['drop_heads_after']} of {r['epochs']})" if r.get("full_dropped_ips") else "no drop")
+        print(f"| {r['preset']} | {heads} | {r['ceiling_ips']:.1f} | {r['full_ips']:.1f} | "
+              f"{r.get('full_over_ceiling', float('nan')):.3f} | {drop} | "
+              f"{r.get('run_full_over_ceiling', r.get('full_over_ceiling', float('nan'))):.3f} | "
+              f"{cpu.get('ceiling', float('nan')):.3f} / {cpu['full']:.3f}{cpu_after} | "
+              f"{r['load_start']} -> {r['load_end']} | "
+              f"{r['cpu']}, {r['threads']} thread(s), {r['precision']} |")
+    print(json.dumps({"presets": results}))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.preset == "all":
+        return {"presets": main_all(argv)}
     args.argv = argv
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -859,6 +943,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         phases.append(Ceiling(cfg, dataset.channels, device, args.compile))
     full = FullStep(cfg, dataset, device, precision, args.compile, mean, std)
     phases.append(full)
+    if drops_heads(cfg):  # the same step after model.drop_heads_after epochs, timed alongside
+        phases.append(after_drop(FullStep(cfg, dataset, device, precision, args.compile, mean, std)))
     baseline = None
     try:
         if not args.no_baseline:
@@ -898,10 +984,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for other in ("ceiling", "baseline"):
             if other in timings:
                 r[f"full_over_{other}"] = round(timings[other].wall[w] / timings["full"].wall[w], 4)
+        if "ceiling" in timings and "full_dropped" in timings:
+            r["full_dropped_over_ceiling"] = round(timings["ceiling"].wall[w] / timings["full_dropped"].wall[w], 4)
         rounds.append(r)
     if "ceiling" in ips:
         ratios["full_over_ceiling"] = ips["full"] / ips["ceiling"]
         print(f"full / ceiling  = {ratios['full_over_ceiling']:.3f}")
+        if "full_dropped" in ips:
+            ratios["full_dropped_over_ceiling"] = ips["full_dropped"] / ips["ceiling"]
+            ratios["run_full_over_ceiling"] = run_average(cfg, ratios["full_over_ceiling"],
+                                                          ratios["full_dropped_over_ceiling"])
+            print(f"full / ceiling after the losing heads are dropped (epoch {cfg.model.drop_heads_after} of "
+                  f"{cfg.train.epochs}) = {ratios['full_dropped_over_ceiling']:.3f}; over the run "
+                  f"{ratios['run_full_over_ceiling']:.3f}")
     if "baseline" in ips:
         ratios["full_over_baseline"] = ips["full"] / ips["baseline"]
         print(f"full / baseline = {ratios['full_over_baseline']:.2f}")
@@ -925,11 +1020,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "preset": cfg.preset, "backbone": cfg.model.backbone, "batch_size": batch,
         "num_local": cfg.augment.num_local, "num_classes": cfg.model.num_classes, "views": views,
         "num_heads": cfg.model.num_heads, "overcluster_classes": cfg.model.overcluster_classes,
+        "hidden_dim": cfg.model.hidden_dim, "drop_heads_after": cfg.model.drop_heads_after, "epochs": cfg.train.epochs,
+        "cpu": cpu_name(),
         "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
         "ceiling_precision": best_precision(device), "channels_last": cfg.train.channels_last,
         "compile": args.compile, "malloc_reuse": malloc_reuse, "data": dataset.name,
         "ceiling_ips": round(ips["ceiling"], 2) if "ceiling" in ips else None,
         "full_ips": round(ips["full"], 2),
+        "full_dropped_ips": round(ips["full_dropped"], 2) if "full_dropped" in ips else None,
         "baseline_ips": round(ips["baseline"], 2) if "baseline" in ips else None,
         **{k: round(v, 4) for k, v in ratios.items()},
         "round_ratios": rounds,

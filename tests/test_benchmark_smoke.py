@@ -39,6 +39,24 @@ def test_throughput_script_tiny_run():
             assert result["malloc_reuse"] is bool(not os.environ.get("TWIST_DEFAULT_MALLOC"))
 
 
+def test_throughput_all_presets_one_row_each_and_both_phases_when_heads_are_dropped():
+    cmd = [sys.executable, str(SCRIPT), "--preset", "all", "--batch-size", "8", "--num-images", "32", "--steps", "1",
+           "--windows", "1", "--warmup", "1", "--breakdown-steps", "1", "--threads", "1", "--no-baseline",
+           "--no-memory", "--set", "model.small_cnn_width=4", "model.drop_heads_after=1", "train.epochs=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    runs = json.loads(lines[-1])["presets"]
+    assert [r["preset"] for r in runs] == ["digits", "mnist", "cifar10"]
+    rows = [x for x in lines if x.startswith("| ") and not x.startswith(("| preset", "| ---"))]
+    assert [x.split(" | ")[0] for x in rows] == ["| digits", "| mnist", "| cifar10"]
+    for r in runs:  # every preset has several heads: the after-drop step is timed too
+        assert r["full_dropped_ips"] > 0 and r["cpu"]
+        before, after = r["full_over_ceiling"], r["full_dropped_over_ceiling"]
+        # one epoch before the drop, two after: the run's ratio is the steps' total times' ratio
+        assert abs(r["run_full_over_ceiling"] - 3 / (1 / before + 2 / after)) < 1e-3
+
+
 def test_iic_baseline_gets_the_presets_over_clustering_head_and_never_promotes_it():
     """benchmarks/baselines.py: IIC is given the preset's heads, over-clustering head included
     (as IIC's paper trains one), and only the C = num_classes heads compete for promotion."""
@@ -86,7 +104,7 @@ def test_contrastive_baselines_keep_a_wide_projector_when_twist_heads_are_narrow
     assert simclr.head[0].out_features == 1024 and simclr.head[-1].out_features == 128
     barlow, crit = baselines.build_objective("barlow", cfg, 3)
     assert barlow.head[-1].out_features == 1024 and crit.dim == 1024
-    wide = apply_overrides(get_preset("digits"), ["model.small_cnn_width=4"])  # 2048-wide heads: kept
+    wide = apply_overrides(get_preset("digits"), ["model.small_cnn_width=4", "model.hidden_dim=2048"])  # kept
     assert baselines.build_objective("simclr", wide, 1)[0].head[0].out_features == wide.model.hidden_dim == 2048
     assert baselines.build_objective("simclr", cfg, 3, projector_dim=32)[0].head[0].out_features == 32
 

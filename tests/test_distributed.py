@@ -299,7 +299,8 @@ def test_torchrun_style_training_and_resume(tmp_path):
         assert all(np.isfinite(r["loss"]) and 0 <= r["acc"] <= 1 and "knn_top1" in r for r in records)
     a, b = load_checkpoint(straight), load_checkpoint(resumed)
     steps = (1797 // WORLD) // 64
-    assert a["state"] == b["state"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 2 * steps}
+    assert a["state"] == b["state"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 2 * steps,
+                                        "heads_dropped": False}
     assert sorted(a["rng_per_rank"]) == ["0", "1"]
     assert _max_diff(a["model"], b["model"]) < 1e-6
     ra = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]

@@ -130,6 +130,48 @@ def test_extra_heads_share_the_backbone_and_promotion_swaps_values_and_optimizer
     assert "extra_heads.1.last_linear.weight" in model.state_dict()
 
 
+def test_dropping_the_losing_heads_leaves_the_optimiser_a_fresh_build_would_give():
+    """After promotion and the drop, the model is the winner (+ over-clustering head) on the
+    backbone, and the optimiser's groups and state are those of the smaller model in the same
+    order: its state dict loads into a rebuilt, likewise dropped model and optimiser."""
+    from twist.config import OptimConfig
+    from twist.optim import build_optimizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="small_cnn", small_cnn_width=4, hidden_dim=16, num_classes=4, num_heads=3,
+                      overcluster_classes=8)
+    model = build_model(cfg, in_channels=1)
+    opt = build_optimizer(model, OptimConfig(name="adamw"), 1e-3)
+    views = [torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16)]
+    sum(z.square().sum() for h in model(views, all_heads=True) for z in h).backward()
+    opt.step()
+    model.eval()
+    x = torch.randn(5, 1, 16, 16)
+    winner = model.heads[2](model.backbone(x))
+    model.promote_lowest(torch.tensor([3.0, 2.0, 1.0, 0.0]), opt)
+    assert model.drop_losing_heads(opt) == 2 and model.drop_losing_heads(opt) == 0
+    assert len(model.heads) == 1 and len(model.trained_heads) == 2
+    torch.testing.assert_close(model.logits(x), winner)
+    live = {id(p) for p in model.parameters()}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == live and set(map(id, opt.state)) == live
+    assert not any(k.startswith("extra_heads") for k in model.state_dict())
+
+    torch.manual_seed(1)
+    rebuilt = build_model(cfg, in_channels=1)
+    rebuilt_opt = build_optimizer(rebuilt, OptimConfig(name="adamw"), 1e-3)
+    rebuilt.drop_losing_heads(rebuilt_opt)
+    single = build_model(dataclasses.replace(cfg, num_heads=1), in_channels=1)
+    single_opt = build_optimizer(single, OptimConfig(name="adamw"), 1e-3)
+    assert [len(g["params"]) for g in rebuilt_opt.param_groups] == [len(g["params"]) for g in single_opt.param_groups]
+    assert [[p.shape for p in g["params"]] for g in rebuilt_opt.param_groups] == \
+        [[p.shape for p in g["params"]] for g in opt.param_groups]
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt_opt.load_state_dict(opt.state_dict())
+    for a, b in zip(opt.param_groups, rebuilt_opt.param_groups):
+        for p, q in zip(a["params"], b["params"]):
+            torch.testing.assert_close(opt.state[p]["exp_avg"], rebuilt_opt.state[q]["exp_avg"])
+
+
 def test_single_head_model_has_no_extra_heads():
     model = build_model(ModelConfig(backbone="small_cnn", small_cnn_width=8, hidden_dim=16, num_classes=4), 1)
     assert len(model.heads) == 1

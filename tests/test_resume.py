@@ -89,9 +89,10 @@ def start_and_kill(cmd: list[str], out: Path, after_step: int) -> int:
     return step
 
 
-def assert_same_run(ref_dir: Path, run_dir: Path, epochs: int = EPOCHS) -> None:
+def assert_same_run(ref_dir: Path, run_dir: Path, epochs: int = EPOCHS, heads_dropped: bool = False) -> None:
     ref, got = load_checkpoint(ref_dir / CHECKPOINT_NAME), load_checkpoint(run_dir / CHECKPOINT_NAME)
-    assert ref["state"] == got["state"] == {"epoch": epochs, "step_in_epoch": 0, "global_step": epochs * STEPS_PER_EPOCH}
+    assert ref["state"] == got["state"] == {"epoch": epochs, "step_in_epoch": 0, "global_step": epochs * STEPS_PER_EPOCH,
+                                            "heads_dropped": heads_dropped}
     assert ref["model"].keys() == got["model"].keys()
     for key, tensor in ref["model"].items():
         assert torch.equal(tensor, got["model"][key]), key
@@ -136,6 +137,32 @@ def test_resume_mid_epoch_in_process_is_bit_identical_in_bf16(tiny_npz, tmp_path
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["state"]["step_in_epoch"] == 3
     train(cfg, tiny_npz, tmp_path / "run", progress=False)
     assert_same_run(tmp_path / "ref", tmp_path / "run", epochs=1)
+
+
+def test_resume_after_the_losing_heads_were_dropped_is_bit_identical(tiny_npz, tmp_path):
+    """model.drop_heads_after=1: the checkpoints of epoch 2 hold the winner (and the
+    over-clustering head) only and say so; a run stopped mid-epoch 2 rebuilds the same smaller
+    model and optimiser groups on resume and ends where the uninterrupted run does."""
+    cfg = apply_overrides(tiny_config("fp32"), ["model.drop_heads_after=1"])
+    train(cfg, tiny_npz, tmp_path / "ref", progress=False)
+    train(cfg, tiny_npz, tmp_path / "run", progress=False, max_steps=STEPS_PER_EPOCH + 3)
+    mid = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert mid["state"]["step_in_epoch"] == 3 and mid["state"]["heads_dropped"] is True
+    assert not any(k.startswith("extra_heads.") for k in mid["model"])
+    assert any(k.startswith("aux_heads.") for k in mid["model"])
+    train(cfg, tiny_npz, tmp_path / "run", progress=False)
+    assert_same_run(tmp_path / "ref", tmp_path / "run", heads_dropped=True)
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs[0]["head_losses"]) == cfg.model.num_heads and epochs[0]["heads_dropped"] is True
+    assert len(epochs[1]["head_losses"]) == 1 and "heads_dropped" not in epochs[1]
+    from twist.serving import load_trained
+
+    served = load_trained(tmp_path / "run", device="cpu").model  # evaluate / predict / export load it too
+    assert len(served.heads) == 1 and torch.equal(served.head.last_linear.weight, final_head_weight(tmp_path / "run"))
+
+
+def final_head_weight(run: Path) -> torch.Tensor:
+    return load_checkpoint(run / CHECKPOINT_NAME)["model"]["head.last_linear.weight"]
 
 
 def test_rerunning_a_finished_run_changes_nothing(tiny_npz, tmp_path):

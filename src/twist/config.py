@@ -43,6 +43,14 @@ class ModelConfig:
     """Heads trained side by side on one backbone (each its own TWIST loss). After every epoch
     the head with the lowest loss becomes the model's head; the rest only guard against a
     head stuck in a poor partition (two classes in one cluster), as SCAN's several heads do."""
+    drop_heads_after: int = 0
+    """With num_heads > 1: once this many epochs are done (after that epoch's promotion) the
+    losing classifier heads are deleted and only the promoted one (and the over-clustering
+    head) trains on; 0 = never. A head in a poor partition shows a higher loss within the first
+    epochs, so the candidates have done their job by then and would otherwise cost their
+    forward, backward and optimiser work on every later step. Recorded in the checkpoint's run
+    state; a resumed run drops them the same way. Kept in multi-process runs (DDP's gradient
+    reducer is built over every head)."""
     overcluster_classes: int = 0
     """C of one more head trained alongside (0 = none): an over-clustering head, as IIC's
     auxiliary head. Its TWIST loss is added to the others', so it shapes the backbone's features
@@ -247,6 +255,7 @@ class TwistConfig:
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
         _check(m.bunch_size >= 2, "model.bunch_size", m.bunch_size, "at least 2")
         _check(m.num_heads >= 1, "model.num_heads", m.num_heads, "at least 1")
+        _check(m.drop_heads_after >= 0, "model.drop_heads_after", m.drop_heads_after, "non-negative (0 = never)")
         _check(m.num_heads == 1 or not self.ema.enabled, "model.num_heads", m.num_heads,
                "1 when ema.enabled (the EMA teacher recipe has one head)")
         _check(m.overcluster_classes == 0 or m.overcluster_classes >= 2, "model.overcluster_classes",

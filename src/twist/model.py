@@ -150,6 +150,30 @@ class TwistModel(nn.Module):
                 if sx is not None:
                     optimizer.state[y] = sx
 
+    def drop_losing_heads(self, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Delete the candidate heads other than ``head`` (call it right after
+        :meth:`promote_lowest`, so ``head`` is the winner); over-clustering heads stay. Returns
+        how many were dropped (0 when there were none).
+
+        Why: the candidates exist to catch a head stuck in a poor partition, which shows as a
+        higher TWIST loss early on; once the ranking is settled (``model.drop_heads_after``)
+        they only cost time, every step, in the forward, backward and optimiser. Their
+        parameters also leave ``optimizer``'s groups and state, keeping every other parameter's
+        order: the optimiser is then the one :func:`twist.optim.build_optimizer` gives the
+        smaller model, so a checkpoint saved after the drop loads into a model and optimiser
+        rebuilt from the config and dropped the same way (the run state records it)."""
+        extra = getattr(self, "extra_heads", None)
+        if extra is None:
+            return 0
+        gone = {id(p) for p in extra.parameters()}
+        del self.extra_heads
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in gone]
+            for p in [p for p in optimizer.state if id(p) in gone]:
+                del optimizer.state[p]
+        return len(extra)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, D): the representation that is evaluated and exported."""
         return self.backbone(x)

@@ -15,9 +15,11 @@ __all__ = ["PRESETS", "get_preset", "RECIPE_WORLD_SIZE", "IMAGENET_TRAIN_IMAGES"
 
 def _digits() -> TwistConfig:
     """The default demo: scikit-learn's 8x8 digits at 16 px on a small convnet; tau 0.5, mild crops,
-    rotation and shear, five heads, each chosen by measurement (docs/results.md, preset notes)."""
+    rotation and shear, five heads of width 512 of which the losers are dropped after epoch 8,
+    each chosen by measurement (docs/results.md, preset notes)."""
     c = TwistConfig(preset="digits")
-    c.model = ModelConfig(backbone="small_cnn", num_classes=10, hidden_dim=2048, small_cnn_width=32, num_heads=5)
+    c.model = ModelConfig(backbone="small_cnn", num_classes=10, hidden_dim=512, small_cnn_width=32, num_heads=5,
+                          drop_heads_after=8)
     c.loss = LossConfig(alpha=1.0, beta=1.0, tau=0.5)
     c.augment = AugmentConfig(global_size=16, local_size=12, num_local=2, global_scale=(0.7, 1.0), ratio=(0.9, 1.1),
                               local_scale=(0.5, 1.0), flip_p=0.0, jitter_p=0.8, brightness=0.4, contrast=0.4,
@@ -31,7 +33,8 @@ def _digits() -> TwistConfig:
 
 def _mnist() -> TwistConfig:
     """MNIST on a CPU: the digits recipe at 20 px with batch 256; rotation and shear keep the head
-    from splitting digits by slant (docs/results.md, preset notes)."""
+    from splitting digits by slant; heads of width 256, the losers dropped after epoch 4
+    (docs/results.md, preset notes)."""
     c = _digits()
     c.preset = "mnist"
     c.augment.global_size = 20
@@ -41,6 +44,8 @@ def _mnist() -> TwistConfig:
     c.train.batch_size = 256
     c.train.epochs = 8
     c.train.eval_every = 2
+    c.model.hidden_dim = 256
+    c.model.drop_heads_after = 4
     return c
 
 

@@ -277,7 +277,8 @@ class SelfLabelStage(Stage):
         return {
             "format": "twist/1",
             "stage": STAGE,
-            STAGE: vars(state).copy(),
+            # this stage's counters (heads_dropped belongs to the TWIST stage's "state" below)
+            STAGE: {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step},
             "model": unwrap(self.model).state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "optimizer": self.optimizer.state_dict(),

@@ -56,6 +56,8 @@ def load_trained(path: str | Path, device: str = "auto", trust_pickle: bool = Fa
     image_size = int(info.get("image_size") or cfg.train.image_size or cfg.augment.global_size)
     dev = resolve_device(device)
     model = build_model(cfg.model, in_channels=channels)
+    if isinstance(ckpt.get("state"), dict) and ckpt["state"].get("heads_dropped") is True:
+        model.drop_losing_heads()  # model.drop_heads_after: the checkpoint holds the winner only
     model.load_state_dict(ckpt["model"])
     model.to(dev).eval()
     transform = EvalTransform(cfg.augment.global_size, channels, info.get("mean"), info.get("std"))

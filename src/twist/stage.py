@@ -33,7 +33,7 @@ import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ class RunState:
     epoch: int = 0            # epochs completed
     step_in_epoch: int = 0    # optimiser steps completed inside the current epoch
     global_step: int = 0      # optimiser steps completed in the stage
+    heads_dropped: bool = False  # model.drop_heads_after has removed the losing heads (TWIST stage)
 
 
 @dataclass
@@ -167,8 +168,9 @@ class Stage:
         """The metrics line's leading fields for finished stage epoch ``epoch`` (0-based)."""
         raise NotImplementedError
 
-    def end_epoch(self, record: dict[str, Any], means: torch.Tensor) -> None:
-        """Work after an epoch's means are known, before evaluation (e.g. promote a head)."""
+    def end_epoch(self, record: dict[str, Any], means: torch.Tensor, state: RunState) -> None:
+        """Work after an epoch's means are known, before evaluation (e.g. promote a head); ``state``
+        already counts the epoch's steps."""
 
     def checkpoint_payload(self, state: RunState, rng: dict[str, Any], epoch_sums: dict[str, Any] | None) -> dict:
         """The checkpoint dict of this stage at ``state``."""
@@ -265,7 +267,7 @@ class StageRunner:
         record = stage.epoch_fields(epoch, means, state)
         record.update({"images_per_sec": (self.count - count_start) * stage.global_batch / max(elapsed, 1e-9),
                        "epoch_seconds": elapsed, "skipped_steps": self.skipped_steps})
-        stage.end_epoch(record, means)
+        stage.end_epoch(record, means, state)
         last_epoch = epoch + 1 == stage.epochs
         if run.val.labels is not None and cfg.train.eval_every and \
                 ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
@@ -417,16 +419,20 @@ def restore_rng(ckpt: dict[str, Any], rank: int, aug_gen: torch.Generator) -> No
 
 
 # ---------------------------------------------------------------------- resume
-def read_resume_checkpoint(run: Run, model: nn.Module) -> dict[str, Any] | None:
+def read_resume_checkpoint(run: Run, model: nn.Module,
+                           match: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """The run folder's checkpoint, or None: rank 0 alone reads it and every rank gets the same
     dict (the run folder need not be on a file system every node sees, and no rank can read a
     half-written file); refused with one CheckpointError line when this run cannot continue
-    from it, before anything in it is used."""
+    from it, before anything in it is used. ``match(ckpt)`` first brings the model to the shape
+    the checkpoint records (e.g. heads dropped by model.drop_heads_after)."""
     path = run.checkpoint_path
     ckpt = load_resume_checkpoint(path) if run.main and path.exists() else None
     if run.world > 1:
         ckpt = tdist.broadcast_object(ckpt)
     if ckpt is not None:
+        if match is not None and isinstance(ckpt.get("state"), dict):
+            match(ckpt)
         check_resumable(ckpt, path, model)
     return ckpt
 
@@ -462,7 +468,8 @@ def check_resumable(ckpt: dict[str, Any], path: Path, model: nn.Module) -> None:
     counters = [state] + ([ckpt.get(ckpt["stage"])] if ckpt.get("stage", "twist") != "twist" else [])
     for c in counters:
         if not (isinstance(c, dict) and all(type(c.get(k)) is int and c[k] >= 0
-                                            for k in ("epoch", "step_in_epoch", "global_step"))):
+                                            for k in ("epoch", "step_in_epoch", "global_step"))
+                and type(c.get("heads_dropped", False)) is bool):
             refuse(f"its run state is invalid ({c!r:.200})")
     own = model.state_dict()
     missing = [k for k in own if k not in weights]

@@ -187,7 +187,7 @@ def resume(run: Run, stage: TwistStage) -> tuple[RunState, dict[str, Any] | None
     config.json, drops metrics lines of epochs the checkpoint does not hold and sweeps
     temporary files of a killed save."""
     cfg, out = run.cfg, run.out
-    ckpt = read_resume_checkpoint(run, unwrap(stage.model))
+    ckpt = read_resume_checkpoint(run, unwrap(stage.model), stage.match)
     state, epoch_sums = RunState(), None
     if ckpt is not None:
         stage.load(ckpt)
@@ -339,7 +339,7 @@ class TwistStage(Stage):
                 "diversity": means[3].item(), "lr": float(self.lr_schedule[state.global_step - 1]),
                 "weight_decay": float(self.wd_schedule[state.global_step - 1])}
 
-    def end_epoch(self, record: dict[str, Any], means: torch.Tensor) -> None:
+    def end_epoch(self, record: dict[str, Any], means: torch.Tensor, state: RunState) -> None:
         if self.n_trained_heads > 1:
             # the classifier head with the lowest epoch loss becomes the model's head (same choice on
             # every rank); over-clustering heads (last) are trained but never candidates
@@ -349,6 +349,25 @@ class TwistStage(Stage):
                 record["overcluster_loss"] = head_losses[self.n_candidates].item()
             record["head_losses"] = head_losses[:self.n_candidates].tolist()
             record["promoted_head"] = best
+            drop = self.cfg.model.drop_heads_after
+            if 0 < drop <= record["epoch"] and self.run.world == 1 and self.drop_losing_heads():
+                state.heads_dropped = record["heads_dropped"] = True  # only the winner trains on
+
+    def drop_losing_heads(self) -> bool:
+        """model.drop_heads_after: delete the candidate heads other than the promoted one from
+        the model and the optimiser (TwistModel.drop_losing_heads; kept with several processes,
+        whose DDP reducer is built over every head); True when some were dropped."""
+        if not unwrap(self.model).drop_losing_heads(self.optimizer):
+            return False
+        self.n_candidates, self.n_trained_heads = len(unwrap(self.model).heads), len(unwrap(self.model).trained_heads)
+        self.num_logged = 4 + self.n_trained_heads - 1
+        return True
+
+    def match(self, ckpt: dict[str, Any]) -> None:
+        """Before a checkpoint is checked and loaded: drop the losing heads when it was written
+        after model.drop_heads_after had dropped them (the same model and optimiser groups)."""
+        if ckpt["state"].get("heads_dropped") is True:
+            self.drop_losing_heads()
 
     def checkpoint_payload(self, state: RunState, rng: dict[str, Any], epoch_sums: dict[str, Any] | None) -> dict:
         return {
