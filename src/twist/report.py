@@ -17,6 +17,9 @@ Sections:
 * confusion matrix (classes x clusters in Hungarian-matched order) when the data has labels;
 * cluster gallery: for each cluster (largest first, up to ``max_clusters``) its size, its
   majority label and purity when labels exist, and its ``per_cluster`` most confident images.
+  Images from files (folders, tar shards) are shown as thumbnails of the ORIGINAL photos (whole
+  image, its own aspect, longer side PHOTO_THUMB px, JPEG), not of the decoded training-size
+  copy; arrays (npz, digits) as thumbnails of the arrays (tiny ones enlarged, pixelated).
 
 DATA defaults to the data the run was trained on (``checkpoint['data']['source']``).
 """
