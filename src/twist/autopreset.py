@@ -211,7 +211,7 @@ def _cpu_photo_recipe(data: DataSummary, device: DeviceInfo) -> tuple[TwistConfi
     size = 64 if data.side == 0 or data.side >= 64 else max(32, data.side // 8 * 8)
     cfg.augment.global_size = size
     cfg.augment.local_size = size // 2
-    cfg.augment.global_scale = (0.4, 1.0)  # the release's global crops; 0.25 left the views disagreeing (docs)
+    cfg.augment.global_scale = (0.4, 1.0)  # the release's global crop area (multi-crop recipes)
     cfg.train.image_size = min(2 * size, data.side) if data.side else 2 * size
     cfg.train.batch_size = 128  # twice cifar10's steps for the same compute: steps matter on a CPU budget
     rate = CPU_IMAGES_PER_S_PER_THREAD * max(device.threads, 1) ** 0.85
