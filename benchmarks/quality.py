@@ -4,7 +4,9 @@
         [--methods twist,iic,simclr,barlow,kmeans_raw,random] [--seed S] [--set key=value ...]
 
 DATASET is anything ``twist train`` accepts: ``digits`` (built in), an npz file, or a folder of
-npz splits such as /path/to/mnist or /path/to/cifar10 (``train*.npz`` + ``test.npz``).
+npz splits such as /path/to/mnist or /path/to/cifar10 (``train*.npz`` + ``test.npz``), or an image
+folder holding ``train/`` and ``test/`` folders (e.g. flowers5). ``--preset auto`` uses the recipe
+``twist train`` picks without --preset (twist.autopreset: the data and this device decide).
 
 Every method is scored on the test split (the ``test`` split of a split folder; ``digits`` and
 single npz files have one split, so there "test" is the training data: see *Protocol*):
@@ -140,8 +142,30 @@ class Scorer:
 
 
 # ---------------------------------------------------------------------- the run
+def split_paths(dataset: str) -> tuple[str, str]:
+    """(train, test) specs: an image folder holding train/ and test/ folders gives those two;
+    anything else is one spec whose ``train`` / ``test`` splits load_dataset tells apart."""
+    root = Path(os.path.expanduser(str(dataset)))
+    if root.is_dir() and (root / "train").is_dir() and (root / "test").is_dir() and not list(root.glob("*.npz")):
+        return str(root / "train"), str(root / "test")
+    return str(dataset), str(dataset)
+
+
+def preset_config(name: str, train_spec: str):
+    """``--preset auto``: what ``twist train`` chooses without --preset (twist.autopreset)."""
+    if name != "auto":
+        return get_preset(name)
+    from twist.autopreset import choose_preset, device_info, summarize_data
+
+    cfg, reasons = choose_preset(summarize_data(train_spec), device_info())
+    for line in reasons:
+        log(line)
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = get_preset(args.preset)
+    train_spec, test_spec = split_paths(args.dataset)
+    cfg = preset_config(args.preset, train_spec)
     apply_overrides(cfg, args.overrides)
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
@@ -162,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     image_size = cfg.train.image_size or cfg.augment.global_size
-    train_ds = load_dataset(args.dataset, "train", image_size=image_size, progress=False)
-    test_ds = load_dataset(args.dataset, "test", image_size=image_size, progress=False)
+    train_ds = load_dataset(train_spec, "train", image_size=image_size, progress=False)
+    test_ds = load_dataset(test_spec, "test", image_size=image_size, progress=False)
     same = train_ds.kind in ("digits", "npz")  # one split: "test" is the training data
     if same:
         test_ds = train_ds
@@ -202,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         t0 = time.perf_counter()
         if method == "kmeans_raw":
-            raw_tr = load_dataset(args.dataset, "train", image_size=0, progress=False)
-            raw_te = raw_tr if same else load_dataset(args.dataset, "test", image_size=0, progress=False)
+            raw_tr = load_dataset(train_spec, "train", image_size=0, progress=False)
+            raw_te = raw_tr if same else load_dataset(test_spec, "test", image_size=0, progress=False)
             r = scorer.all(as_features(raw_tr.images), as_features(raw_te.images), normalize=False)
             save(method, {**r, "seconds": time.perf_counter() - t0})
         elif method == "random":
@@ -218,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir = out / "twist-run"
             if run_dir.exists() and not args.resume:
                 shutil.rmtree(run_dir)
-            train(cfg, args.dataset, run_dir, progress=not args.no_progress)
+            train(cfg, train_spec, run_dir, progress=not args.no_progress)
             train_s = time.perf_counter() - t0
             logged = (run_dir / "metrics.jsonl").read_text().splitlines()
             steps = json.loads(logged[-1]).get("step") if logged else None  # both stages' optimiser steps
@@ -288,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="'digits', an npz file, or a folder of npz splits (train*.npz, test.npz)")
-    p.add_argument("--preset", required=True, help="twist preset (digits, mnist, cifar10, ...)")
+    p.add_argument("--preset", required=True, help="twist preset (digits, mnist, cifar10, ...) or 'auto' (what twist train picks without --preset)")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs (every method gets the same)")
     p.add_argument("--out", default=None, help="output folder (default runs/quality-<data>-<preset>)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")

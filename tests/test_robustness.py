@@ -469,13 +469,18 @@ def test_crafted_checkpoint_in_the_run_folder_is_refused(tiny_npz, tmp_path, cap
 
 
 def test_grayscale_data_under_the_colour_preset_gets_a_hint(tiny_npz, tmp_path, capsys):
-    """`twist train PATH` without --preset uses cifar10; on grayscale images it says that the
-    mnist preset suits them (measured 0.993 vs 0.857 on MNIST), and trains anyway."""
+    """`--preset cifar10` on grayscale images says that the mnist preset suits them (measured
+    0.993 vs 0.857 on MNIST), and trains anyway; without --preset the grey 8 px images get the
+    digits recipe (twist.autopreset) and no hint."""
     from twist.train import preset_hint
 
     assert "--preset mnist" in preset_hint(get_preset("cifar10"), 1)
     assert preset_hint(get_preset("cifar10"), 3) is None
     assert preset_hint(get_preset("mnist"), 1) is None
-    rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(tmp_path / "r"), "--epochs", "1", *sets(TINY)])
+    rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(tmp_path / "r"), "--epochs", "1",
+                               "--preset", "cifar10", *sets(TINY)])
     assert rc == 0, err
     assert sum("--preset mnist" in line for line in err.splitlines()) == 1
+    rc, err = run_cli(capsys, ["train", str(tiny_npz), "--out", str(tmp_path / "auto"), "--epochs", "1", *sets(TINY)])
+    assert rc == 0, err
+    assert "auto preset 'digits'" in err and "--preset mnist" not in err

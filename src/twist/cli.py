@@ -101,7 +101,8 @@ def _add_train_command(sub) -> None:
     p.add_argument("--out", default=None, help="run folder for checkpoints, config.json and metrics.jsonl "
                                                "(default: runs/<preset>). Re-running with the same folder resumes.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="starting configuration (default: digits for the built-in data, cifar10 otherwise)")
+                   help="starting configuration (default: chosen from the data and the device and printed: the "
+                        "array presets for images up to 32 px, photo-cpu / photo-gpu for photos; twist.autopreset)")
     p.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.3 --set augment.num_local=4 (repeatable)")
@@ -255,13 +256,28 @@ def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
         args.config = str(Path(args.out) / "config.json")
     if args.config:
         cfg = TwistConfig.from_dict(read_config_file(Path(args.config)))
+    elif args.preset:
+        cfg = get_preset(args.preset)
     else:
-        preset = args.preset or ("digits" if args.data == "digits" else "cifar10")
-        cfg = get_preset(preset)
+        cfg = auto_config(args)
     apply_overrides(cfg, args.overrides)
     if args.epochs is not None:
         apply_overrides(cfg, [f"train.epochs={args.epochs}"])
     return cfg.validate()
+
+
+def auto_config(args: argparse.Namespace) -> TwistConfig:
+    """No --preset: the recipe twist.autopreset chooses from a cheap look at the data and the
+    device (``train.device`` from --set, else auto), its reasons logged (and kept for --dry-run)."""
+    import logging
+
+    from twist.autopreset import choose_preset, device_info, summarize_data
+
+    device = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("train.device=")), "auto")
+    cfg, reasons = choose_preset(summarize_data(args.data), device_info(device))
+    for line in reasons:
+        logging.getLogger("twist.autopreset").info("%s", line)
+    return cfg
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -17,6 +17,9 @@ Sections:
 * confusion matrix (classes x clusters in Hungarian-matched order) when the data has labels;
 * cluster gallery: for each cluster (largest first, up to ``max_clusters``) its size, its
   majority label and purity when labels exist, and its ``per_cluster`` most confident images.
+  Images from files (folders, tar shards) are shown as thumbnails of the ORIGINAL photos (whole
+  image, its own aspect, longer side PHOTO_THUMB px, JPEG), not of the decoded training-size
+  copy; arrays (npz, digits) as thumbnails of the arrays (tiny ones enlarged, pixelated).
 
 DATA defaults to the data the run was trained on (``checkpoint['data']['source']``).
 """
@@ -204,13 +207,16 @@ def svg_bar_chart(values: Sequence[float], labels: Sequence[str] | None = None, 
 
 
 # ====================================================================== thumbnails
-def _thumb_png(img: np.ndarray, target: int = 64, max_side: int = 96) -> bytes:
-    """uint8 (C, H, W) -> PNG bytes: tiny images upscaled by an integer factor (nearest), large
-    ones shrunk to ``max_side``."""
+PHOTO_THUMB = 128
+"""Longer side of a photo's thumbnail (shown at 96 CSS px: sharp on high-density screens)."""
+
+
+def _thumb(im, target: int = 64, max_side: int = 96) -> tuple[bytes, str]:
+    """A PIL image -> (bytes, MIME type): tiny images upscaled by an integer factor (nearest) as
+    PNG, large ones shrunk to ``max_side`` keeping their aspect, as JPEG once they are photo-sized
+    (a PNG photo thumbnail is ~8x larger in the page for no visible gain)."""
     from PIL import Image
 
-    a = img[0] if img.shape[0] == 1 else np.ascontiguousarray(img.transpose(1, 2, 0))
-    im = Image.fromarray(a, "L" if img.shape[0] == 1 else "RGB")
     side = max(im.size)
     if side < target:
         f = max(1, target // side)
@@ -218,12 +224,35 @@ def _thumb_png(img: np.ndarray, target: int = 64, max_side: int = 96) -> bytes:
     elif side > max_side:
         im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
+    if side > 96:
+        im.save(buf, format="JPEG", quality=85)
+        return buf.getvalue(), "image/jpeg"
     im.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
+    return buf.getvalue(), "image/png"
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def _array_image(img: np.ndarray):
+    """uint8 (C, H, W) -> a PIL image ('L' or 'RGB')."""
+    from PIL import Image
+
+    a = img[0] if img.shape[0] == 1 else np.ascontiguousarray(img.transpose(1, 2, 0))
+    return Image.fromarray(a, "L" if img.shape[0] == 1 else "RGB")
+
+
+def _original_thumb(ds: ImageDataset, i: int) -> tuple[bytes, str] | None:
+    """The thumbnail of image ``i``'s ORIGINAL file (whole photo, its own aspect; JPEGs decoded
+    at a reduced DCT scale), or None when the file no longer decodes."""
+    from twist.data.decode import load_oriented, open_image
+
+    try:
+        with open_image(ds.source(i), ds.max_pixels or 100_000_000) as im:
+            return _thumb(load_oriented(im, ds.channels, draft=(PHOTO_THUMB, PHOTO_THUMB)), max_side=PHOTO_THUMB)
+    except Exception:  # noqa: BLE001 - the gallery then shows the decoded copy
+        return None
+
+
+def _data_uri(png: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(png).decode("ascii")
 
 
 # ====================================================================== page
@@ -242,6 +271,7 @@ section.cluster{border:1px solid #ddd;border-radius:6px;padding:8px 10px;width:m
 section.cluster h3{margin:0 0 4px;font-size:15px}section.cluster .meta{font-size:12px;color:#555;margin-bottom:6px}
 .thumbs{display:flex;flex-wrap:wrap;gap:4px}.thumbs figure{margin:0;text-align:center;font-size:10px;color:#666}
 .thumbs img{width:64px;height:64px;object-fit:contain;image-rendering:pixelated;background:#f0f0f0;display:block}
+.thumbs img.photo{width:96px;height:96px;image-rendering:auto}
 .note{background:#fff8e1;border:1px solid #f0d98c;padding:6px 10px;border-radius:4px}
 """
 
@@ -416,20 +446,24 @@ def _class_name(class_names: Sequence[str] | None, c: int) -> str:
 
 
 def _thumbnails(ds: ImageDataset, indices: np.ndarray, out: Path, embed_images: bool) -> dict[int, str]:
-    """Image index -> ``src`` of its thumbnail: a ``data:`` URI, or a file under ``out/thumbs``."""
+    """Image index -> ``src`` of its thumbnail: a ``data:`` URI, or a file under ``out/thumbs``.
+    Images from files (folders, tar shards) are thumbnails of the original photos, not of the
+    decoded training-size copy; arrays are thumbnails of the arrays."""
     thumbs: dict[int, str] = {}
     if embed_images is False:
         (out / "thumbs").mkdir(exist_ok=True)
     for s in range(0, len(indices), 256):
         part = indices[s:s + 256]
-        imgs = ds.get_batch(part).numpy()
-        for i, img in zip(part.tolist(), imgs):
-            png = _thumb_png(img)
+        originals = {i: _original_thumb(ds, i) for i in part.tolist()} if ds.paths is not None else {}
+        missing = [i for i in part.tolist() if originals.get(i) is None]
+        copies = dict(zip(missing, ds.get_batch(np.asarray(missing, dtype=np.int64)).numpy())) if missing else {}
+        for i in part.tolist():
+            data, mime = originals.get(i) or _thumb(_array_image(copies[i]))
             if embed_images:
-                thumbs[i] = _data_uri(png)
+                thumbs[i] = _data_uri(data, mime)
             else:
-                name = f"thumbs/img_{i}.png"
-                (out / name).write_bytes(png)
+                name = f"thumbs/img_{i}.{'jpg' if mime == 'image/jpeg' else 'png'}"
+                (out / name).write_bytes(data)
                 thumbs[i] = name
     return thumbs
 
@@ -473,10 +507,11 @@ def _gallery(ds: ImageDataset, shown: list[int], chosen: dict[int, np.ndarray], 
         else:
             maj_attr = ""
         figs = []
+        photo = ' class="photo"' if ds.paths is not None else ""  # thumbnails of the original files
         for i in chosen[c].tolist():
             where = display_path(ds.paths[i]) if ds.paths is not None else f"#{i}"
             cap = f"{conf[i]:.2f}"
-            figs.append(f'<figure><img src="{html.escape(thumbs[i], quote=True)}" alt="image {i}" loading="eager" '
+            figs.append(f'<figure><img src="{html.escape(thumbs[i], quote=True)}"{photo} alt="image {i}" loading="eager" '
                         f'title="{html.escape(where, quote=True)} (p={cap})"><figcaption>{cap}</figcaption></figure>')
         sections.append(f'<section class="cluster" id="cluster-{c}" data-cluster="{c}" data-size="{int(sizes[c])}"'
                         f'{maj_attr}><h3>cluster {c}</h3><div class="meta">{" &middot; ".join(meta)}</div>'

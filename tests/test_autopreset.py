@@ -1,0 +1,124 @@
+"""The default recipe without --preset (twist.autopreset) and the report's photo thumbnails.
+
+choose_preset is a pure function: it is checked on made-up summaries of data and devices. The
+end-to-end test trains on a folder of 100 JPEGs of varied sizes with no --preset (only the
+number of epochs cut down), then writes the report and checks that the gallery's thumbnails
+follow each ORIGINAL photo's size and aspect, not the 64 px training copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from twist import autopreset
+from twist.autopreset import DataSummary, DeviceInfo, choose_preset, fit_batch, summarize_data
+from twist.cli import main
+
+CPU = DeviceInfo("cpu", threads=2)
+GPU = DeviceInfo("cuda", gpus=1, gpu_memory_gb=80.0, bf16=True, threads=16)
+
+
+def test_cpu_photos_get_a_resnet_at_64_px_with_budgeted_epochs():
+    cfg, reasons = choose_preset(DataSummary("folder", 10_000, 3, 375, 10), CPU)
+    assert cfg.preset == "photo-cpu" and cfg.model.backbone == "resnet18" and not cfg.model.cifar_stem
+    assert cfg.augment.global_size == 64 and cfg.train.image_size == 128 and cfg.model.num_classes == 10
+    rate = autopreset.CPU_IMAGES_PER_S_PER_THREAD * 2 ** 0.85
+    assert cfg.train.epochs == round(autopreset.CPU_BUDGET_S * rate / 10_000)
+    assert len(reasons) == 2 and "photo-cpu" in reasons[0] and "ResNet-18" in reasons[1]
+    # twice the photos, about half the epochs (same budget); a grey photo folder is still photos
+    bigger, _ = choose_preset(DataSummary("folder", 20_000, 3, 375, 10), CPU)
+    assert bigger.train.epochs < cfg.train.epochs
+    grey, _ = choose_preset(DataSummary("folder", 10_000, 1, 300, 0), CPU)
+    assert grey.preset == "photo-cpu" and grey.model.num_classes == 10  # no class folders: C = 10
+
+
+def test_gpu_photos_get_the_release_resnet50_recipe():
+    cfg, reasons = choose_preset(DataSummary("folder", 50_000, 3, 400, 100), GPU)
+    assert cfg.preset == "photo-gpu" and cfg.model.backbone == "resnet50"
+    assert cfg.augment.global_size == 224 and cfg.augment.num_local == 12 and cfg.optim.name == "lars"
+    assert cfg.train.batch_size == 128 and cfg.model.num_classes == 100 and cfg.model.overcluster_classes == 4096
+    assert 20 <= cfg.train.epochs <= 800 and cfg.selflabel.epochs >= 1 and "GPU" in reasons[1]
+    small_gpu, _ = choose_preset(DataSummary("folder", 50_000, 3, 400, 0), DeviceInfo("cuda", 1, 12.0, False))
+    assert small_gpu.train.batch_size == 32 and small_gpu.model.num_classes == 4096
+
+
+@pytest.mark.parametrize("summary, device, preset", [
+    (DataSummary("digits", 1797, 1, 8), CPU, "digits"),
+    (DataSummary("array", 60_000, 1, 28), CPU, "mnist"),
+    (DataSummary("array", 50_000, 3, 32), CPU, "cifar10"),
+    (DataSummary("array", 50_000, 3, 32), GPU, "cifar10-gpu"),
+    (DataSummary("folder", 500, 1, 10, 3), CPU, "digits"),
+    (DataSummary("folder", 5_000, 3, 24, 3), CPU, "cifar10"),
+])
+def test_small_arrays_keep_the_array_presets(summary, device, preset):
+    cfg, _ = choose_preset(summary, device)
+    assert cfg.preset == preset
+
+
+def test_batch_fits_small_data():
+    assert fit_batch(256, 100) == 32 and fit_batch(256, 3446) == 256 and fit_batch(256, None) == 256
+    assert fit_batch(128, 100, world=4) == 8 and fit_batch(64, 3) == 2
+    cfg, reasons = choose_preset(DataSummary("folder", 100, 3, 150, 2), CPU)
+    assert cfg.train.batch_size == 32 and "32 per process" in reasons[1]
+
+
+def make_photos(root, n_per_class: int = 50, seed: int = 0) -> None:
+    """JPEGs of varied sizes and aspects (90-300 px a side) in two class folders."""
+    rng = np.random.default_rng(seed)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n_per_class):
+            w, h = int(rng.integers(90, 300)), int(rng.integers(90, 300))
+            base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * (1 if c else -1) % 256
+            img = (base + rng.normal(0, 30, (h, w, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i:03d}.jpg", quality=85)
+
+
+def test_summarize_data_reads_only_a_sample_of_headers(tmp_path, monkeypatch):
+    make_photos(tmp_path / "photos")
+    from twist.data import decode
+
+    calls = []
+    real = decode.probe_image
+    monkeypatch.setattr(decode, "probe_image", lambda *a: calls.append(a) or real(*a))
+    s = summarize_data(str(tmp_path / "photos"))
+    assert (s.kind, s.count, s.channels, s.classes) == ("folder", 100, 3, 2) and 90 <= s.side <= 300
+    assert len(calls) == autopreset.SAMPLE_FILES
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auto")
+    make_photos(root / "photos")
+    return root
+
+
+def test_auto_preset_trains_on_100_photos_and_the_gallery_shows_the_originals(photo_run, capsys):
+    data, out = photo_run / "photos", photo_run / "run"
+    rc = main(["train", str(data), "--out", str(out), "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "auto preset 'photo-cpu'" in err and "batch 128 -> 32 per process" in err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "photo-cpu" and cfg["train"]["batch_size"] <= 100
+    assert (out / "metrics.jsonl").read_text().strip()
+
+    rep = photo_run / "report"
+    assert main(["report", str(out), "--out", str(rep), "--per-cluster", "6", "--no-progress"]) == 0
+    page = (rep / "index.html").read_text(encoding="utf-8")
+    figs = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)" class="photo"[^>]*title="([^"]+) \(p=', page)
+    assert figs
+    for b64, where in figs:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as thumb, Image.open(html.unescape(where)) as orig:
+            expected = orig.copy()
+            expected.thumbnail((128, 128))
+            # the original's size and aspect (within the DCT draft's rounding), not the 64 x 64 training copy
+            assert abs(thumb.size[0] - expected.size[0]) <= 1 and abs(thumb.size[1] - expected.size[1]) <= 1
