@@ -26,18 +26,13 @@ CPU = DeviceInfo("cpu", threads=2)
 GPU = DeviceInfo("cuda", gpus=1, gpu_memory_gb=80.0, bf16=True, threads=16)
 
 
-def test_cpu_photos_get_a_resnet_at_64_px_with_budgeted_epochs():
-    cfg, reasons = choose_preset(DataSummary("folder", 10_000, 3, 375, 10), CPU)
-    assert cfg.preset == "photo-cpu" and cfg.model.backbone == "resnet18" and not cfg.model.cifar_stem
-    assert cfg.augment.global_size == 64 and cfg.train.image_size == 128 and cfg.model.num_classes == 10
-    rate = autopreset.CPU_IMAGES_PER_S_PER_THREAD * 2 ** 0.85
-    assert cfg.train.epochs == round(autopreset.CPU_BUDGET_S * rate / 10_000)
-    assert len(reasons) == 2 and "photo-cpu" in reasons[0] and "ResNet-18" in reasons[1]
-    # twice the photos, about half the epochs (same budget); a grey photo folder is still photos
-    bigger, _ = choose_preset(DataSummary("folder", 20_000, 3, 375, 10), CPU)
-    assert bigger.train.epochs < cfg.train.epochs
+def test_cpu_photos_get_the_measured_cifar10_recipe_with_c_from_the_class_folders():
+    cfg, reasons = choose_preset(DataSummary("folder", 10_000, 3, 375, 5), CPU)
+    assert cfg.preset == "cifar10" and cfg.model.backbone == "small_cnn" and cfg.model.num_classes == 5
+    assert cfg.augment.global_size == 32 and cfg.train.batch_size == 256
+    assert len(reasons) == 2 and "'cifar10'" in reasons[0] and "photos on a CPU" in reasons[1]
     grey, _ = choose_preset(DataSummary("folder", 10_000, 1, 300, 0), CPU)
-    assert grey.preset == "photo-cpu" and grey.model.num_classes == 10  # no class folders: C = 10
+    assert grey.preset == "cifar10" and grey.model.num_classes == 10  # no class folders: the preset's C
 
 
 def test_gpu_photos_get_the_release_resnet50_recipe():
@@ -106,9 +101,9 @@ def test_auto_preset_trains_on_100_photos_and_the_gallery_shows_the_originals(ph
     rc = main(["train", str(data), "--out", str(out), "--epochs", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "auto preset 'photo-cpu'" in err and "batch 128 -> 32 per process" in err
+    assert "auto preset 'cifar10'" in err and "batch 256 -> 32 per process" in err
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["preset"] == "photo-cpu" and cfg["train"]["batch_size"] <= 100
+    assert cfg["preset"] == "cifar10" and cfg["train"]["batch_size"] <= 100
     assert (out / "metrics.jsonl").read_text().strip()
 
     rep = photo_run / "report"

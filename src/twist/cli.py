@@ -102,7 +102,7 @@ def _add_train_command(sub) -> None:
                                                "(default: runs/<preset>). Re-running with the same folder resumes.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="starting configuration (default: chosen from the data and the device and printed: the "
-                        "array presets for images up to 32 px, photo-cpu / photo-gpu for photos; twist.autopreset)")
+                        "array presets for images up to 32 px and for photos on a CPU, photo-gpu for photos on a GPU; twist.autopreset)")
     p.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.3 --set augment.num_local=4 (repeatable)")
