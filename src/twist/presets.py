@@ -33,8 +33,9 @@ def _digits() -> TwistConfig:
 
 def _mnist() -> TwistConfig:
     """MNIST on a CPU: the digits recipe at 20 px with batch 256; rotation and shear keep the head
-    from splitting digits by slant; heads of width 256, the losers dropped after epoch 4
-    (docs/results.md, preset notes)."""
+    from splitting digits by slant; five 2048-wide heads kept to the end, the configuration
+    measured at test ACC 0.993 (the cheaper 256-wide heads dropped after epoch 4 are not yet
+    run for quality: docs/results.md, preset notes)."""
     c = _digits()
     c.preset = "mnist"
     c.augment.global_size = 20
@@ -44,8 +45,8 @@ def _mnist() -> TwistConfig:
     c.train.batch_size = 256
     c.train.epochs = 8
     c.train.eval_every = 2
-    c.model.hidden_dim = 256
-    c.model.drop_heads_after = 4
+    c.model.hidden_dim = 2048  # measured; the candidate: hidden_dim=256, drop_heads_after=4
+    c.model.drop_heads_after = 0
     return c
 
 
