@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from twist.augment import MultiCropAugment
+from twist.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
 from twist.presets import get_preset
 from twist.data import ViewPlan, batch_loader, load_dataset
 from twist.runtime import keep_freed_cpu_memory
 
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ---------------------------------------------------------------------- synthetic data

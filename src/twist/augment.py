@@ -106,6 +106,8 @@ __all__ = [
     "MultiCropAugment",
     "EvalTransform",
     "dataset_stats",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "rgb_to_grayscale",
     "adjust_brightness",
     "adjust_contrast",
@@ -870,6 +872,12 @@ class EvalTransform:
             else:
                 x = x.sub_(mean)
             return x.mul_(inv_std)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet's per-channel statistics, the normalisation of the release's recipes and weights
+(train.normalize=imagenet; imported release checkpoints)."""
 
 
 def dataset_stats(images_uint8, chunk_elements: int = 1 << 24) -> tuple[list[float], list[float]]:

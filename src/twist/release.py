@@ -55,13 +55,12 @@ from typing import Any
 
 import torch
 
+from twist.augment import IMAGENET_MEAN, IMAGENET_STD
 from twist.checkpoint import CHECKPOINT_NAME, FORMAT, CheckpointError, save_checkpoint, unsafe_globals
 from twist.io import write_text_atomic
 from twist.config import ConfigError, TwistConfig
 from twist.presets import PRESETS, get_preset
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 RELEASE_ARCHS = ("resnet50", "resnet50w2", "vit_small", "vit_base")
 """The architectures the release trained (the values ``--arch`` accepts)."""
 _RECIPES = {"resnet50w2": "rn50w2", "vit_small": "vit-small", "vit_base": "vit-base"}

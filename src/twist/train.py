@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from twist import distributed as tdist
-from twist.augment import EvalTransform, MultiCropAugment, dataset_stats
+from twist.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment, dataset_stats
 from twist.config import ConfigError, TwistConfig
 from twist.data import ImageDataset, ViewPlan, load_dataset
 from twist.io import write_text_atomic
@@ -146,16 +146,12 @@ Streamed photo folders are listed once, their training views cut at decode time 
 original photos (``batch_loader(views=...)``; train.image_size then only sizes data held in
 memory), and their evaluation batches are the release's centre crops (``crop_size``)."""
 
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-"""ImageNet's per-channel statistics, as the release normalises (train.normalize=imagenet)."""
-
-
 def data_mean_std(cfg: TwistConfig, dataset: ImageDataset) -> tuple[list[float], list[float]]:
     """The normalisation of the run: ImageNet's (train.normalize=imagenet, the release presets;
     RGB only), else the data's own: exact for data in memory, estimated from a seeded sample of
     500 evaluation crops for streamed folders (stored in the checkpoint with the weights)."""
     if cfg.train.normalize == "imagenet" and dataset.channels == 3:
-        return list(IMAGENET_MEAN_STD[0]), list(IMAGENET_MEAN_STD[1])
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return dataset_stats(dataset.images if dataset.in_memory else dataset.sample_images(500, cfg.train.seed))
 
 
