@@ -9,6 +9,9 @@
 that ``twist.protocols.split_for_eval('digits')`` uses, as npz files (x: (N, 16, 16, 1) uint8
 at the model's image size, y: labels), for tests that need two files.
 
+``write_random_npz`` -- a function ``(path, n) -> str`` that writes ``n`` seeded random 8x8 grey
+images with labels 0-2 to ``path`` (the tiny data of the resume and pre-emption tests).
+
 ``torch_one_thread`` -- runs a test with ``torch.set_num_threads(1)`` (restored afterwards).
 On this small shared machine torch's default of one thread per core is up to 20x slower when
 other processes are busy (threads spin waiting for each other); the tiny models of the tests
@@ -24,6 +27,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+@pytest.fixture(scope="session")
+def write_random_npz():
+    def write(path: Path, n: int) -> str:
+        rng = np.random.default_rng(0)
+        np.savez(path, x=rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), y=rng.integers(0, 3, n))
+        return str(path)
+
+    return write
+
 
 TINY_DIGITS_OVERRIDES = [
     "train.epochs=2",

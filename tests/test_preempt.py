@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,12 +42,8 @@ TIMING = ("images_per_sec", "epoch_seconds")
 
 
 @pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> str:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    n = 32 * STEPS_PER_EPOCH
-    np.savez(path, x=rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), y=rng.integers(0, 3, n))
-    return str(path)
+def tiny_npz(tmp_path_factory, write_random_npz) -> str:
+    return write_random_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 32 * STEPS_PER_EPOCH)
 
 
 def command(data: str, out: Path, *extra: str) -> list[str]:

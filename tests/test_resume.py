@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,12 +37,8 @@ TIMING = ("images_per_sec", "epoch_seconds")
 
 
 @pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> str:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    n = 32 * STEPS_PER_EPOCH
-    np.savez(path, x=rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), y=rng.integers(0, 3, n))
-    return str(path)
+def tiny_npz(tmp_path_factory, write_random_npz) -> str:
+    return write_random_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 32 * STEPS_PER_EPOCH)
 
 
 def command(data: str, out: Path, precision: str = "fp32") -> list[str]:
