@@ -20,6 +20,7 @@ as large as its view along both axes, so each view is still only ever shrunk.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[f
              generator: torch.Generator) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of one random resized crop of a ``height`` x ``width`` image."""
     area = height * width
-    log_lo, log_hi = (float(v) for v in torch.log(torch.tensor(ratio)))
+    log_lo, log_hi = _log_ratio(tuple(ratio))
     for _ in range(_ATTEMPTS):
         frac = torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
         aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator)).item()
@@ -91,6 +92,13 @@ def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[f
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+@functools.lru_cache(maxsize=64)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """torchvision's float32 ``log`` of the ratio range (a third of a box's cost when redone per box)."""
+    lo, hi = (float(v) for v in torch.log(torch.tensor(ratio)))
+    return lo, hi
 
 
 def plan_boxes(plan: ViewPlan, height: int, width: int, generator: torch.Generator) -> list[tuple[int, int, int, int]]:
