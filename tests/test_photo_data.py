@@ -241,10 +241,44 @@ def test_listing_opens_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", refuse)
     monkeypatch.setattr(os, "open", refuse)
     monkeypatch.setattr(Image, "open", refuse)
-    paths, tops = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, refuse, refuse, str)
+    paths, runs = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, refuse, refuse, str)
     monkeypatch.undo()
     assert [os.path.relpath(p, tmp_path) for p in paths] == [f"c{c}/im{i}.jpg" for c in range(2) for i in range(3)]
-    assert tops == ["c0"] * 3 + ["c1"] * 3
+    assert runs == [("c0", 3), ("c1", 3)]
+
+
+def test_listing_fast_path_keeps_the_rules(tmp_path):
+    """Folders whose names all share one image extension skip the per-name filter; every other
+    folder gets it. Both must give what the rules say (hidden names, case, the last extension,
+    folders named like images, files beside folders), in path-part order."""
+    layout = {
+        "a/leaf": ["x1.jpg", "x0.jpg", "X2.JPG"],                      # one extension, mixed case
+        "a/mixed": ["p.png", "q.jpeg", "notes.txt", ".hidden.jpg", "r.tar.gz", "s.jpg.txt", "t.txt.jpg", "u."],
+        "b": ["z.webp", "y.tif"],
+        "c/d.jpg": ["inner.jpg"],                                     # a folder named like an image
+        "c": ["c1.jpg"],                                              # a file beside that folder
+        "e/.git": ["objects.jpg"],                                    # a hidden folder
+        "e": ["only.jpg", "Only.Jpg"],
+    }
+    for folder, names in layout.items():
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"x")
+    (tmp_path / "top.jpg").write_bytes(b"x")
+    paths, runs = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, lambda *a: None, lambda *a: None, str)
+    expected = []
+    for dirpath, dirnames, filenames in os.walk(tmp_path):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in folder_module.IMAGE_EXTENSIONS:
+                expected.append(os.path.join(dirpath, name))
+    expected.sort(key=lambda p: os.path.relpath(p, tmp_path).split(os.sep))
+    assert paths == expected
+    assert [os.path.relpath(p, tmp_path) for p in paths][:3] == ["a/leaf/X2.JPG", "a/leaf/x0.jpg", "a/leaf/x1.jpg"]
+    assert "c/d.jpg/inner.jpg" in [os.path.relpath(p, tmp_path) for p in paths]
+    tops = [top for top, n in runs for _ in range(n)]
+    assert tops == [os.path.relpath(p, tmp_path).split(os.sep)[0] if os.sep in os.path.relpath(p, tmp_path) else ""
+                    for p in paths]
 
 
 def test_streamed_load_opens_only_a_header_sample(tmp_path, monkeypatch):

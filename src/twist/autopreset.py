@@ -107,7 +107,7 @@ def summarize_data(spec: str) -> DataSummary:
         shapes = [_npz_shape(os.path.join(path, e)) for e in train]
         n, h, w, c = shapes[0]
         return DataSummary("array", sum(s[0] for s in shapes), c, min(h, w))
-    paths, tops = list_tree(path, IMAGE_EXTENSIONS, lambda *_: None, lambda *_: None, failure_reason)
+    paths, runs = list_tree(path, IMAGE_EXTENSIONS, lambda *_: None, lambda *_: None, failure_reason)
     if not paths:
         return DataSummary("folder", 0)
     rng = np.random.default_rng(0)
@@ -119,7 +119,7 @@ def summarize_data(spec: str) -> DataSummary:
             continue
     side = int(np.median([min(w, h) for w, h, _ in infos])) if infos else 0
     channels = 1 if infos and all(g for _, _, g in infos) else 3
-    return DataSummary("folder", len(paths), channels, side, len(set(tops) - {""}))
+    return DataSummary("folder", len(paths), channels, side, len({top for top, _ in runs} - {""}))
 
 
 def _npz_shape(path: str) -> tuple[int, int, int, int]:

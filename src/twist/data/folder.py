@@ -4,7 +4,6 @@ between decoding everything now and streaming per batch (``max_memory_gb``)."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 
@@ -61,14 +60,14 @@ class _Skips:
 def _labelled(root: str, skips: _Skips, name: str) -> tuple[list[str], np.ndarray, list[str]]:
     """Paths and labels of the images to use, and the class names: labels are the first-level
     sub-folders holding at least one candidate image (labels -1 and no classes without any)."""
-    paths, tops = list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, failure_reason)
-    class_names = sorted(set(tops) - {""})
+    paths, runs = list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, failure_reason)
+    class_names = sorted({top for top, _ in runs} - {""})
     if not class_names:
         return paths, np.full(len(paths), -1, dtype=np.int64), []
     class_index = {c: i for i, c in enumerate(class_names)}
     class_index[""] = -1
-    runs = [(key, sum(1 for _ in group)) for key, group in itertools.groupby(tops)]  # one run per folder
-    labels = np.repeat(np.array([class_index[k] for k, _ in runs], dtype=np.int64), [n for _, n in runs])
+    labels = np.repeat(np.array([class_index[top] for top, _ in runs], dtype=np.int64),
+                       np.array([n for _, n in runs], dtype=np.int64))
     outside = np.flatnonzero(labels < 0)
     if len(outside):
         for i in outside:
@@ -145,8 +144,9 @@ def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float
     skips.check()
     ds.skipped = skips.items
     if identity is not None:
+        prefix = os.path.join(root, "")  # every listed path starts with it (relpath is 20x slower)
         write_index(index_path, identity, settings, {
-            "paths": [os.path.relpath(p, root) for p in ds.paths], "labels": labels.tolist(),
+            "paths": [p[len(prefix):] for p in ds.paths], "labels": labels.tolist(),
             "class_names": class_names, "channels": channels, "size": list(size),
             "skipped": [list(item) for item in skips.items]})
     return ds
@@ -166,7 +166,9 @@ def _streamed(name: str, paths: list[str], labels: np.ndarray, class_names: list
 
 def _from_index(index: dict, root: str, name: str, max_pixels: int) -> ImageDataset:
     """The streamed dataset a run's index file describes (a resumed run lists nothing)."""
-    paths = [os.path.join(root, rel) for rel in index["paths"]]
+    rels = index["paths"]
+    prefix = os.path.join(root, "")
+    paths = (prefix + ("\0" + prefix).join(rels)).split("\0") if rels else []  # one join, not one per file
     labels = np.asarray(index["labels"], dtype=np.int64)
     settings = index["settings"]
     ds = _streamed(name, paths, labels, list(index["class_names"]), int(index["channels"]), tuple(index["size"]),

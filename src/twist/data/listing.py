@@ -29,38 +29,32 @@ INDEX_VERSION = 1
 
 
 def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], None],
-              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> tuple[list[str], list[str]]:
+              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> tuple[list[str], list[tuple[str, int]]]:
     """Candidate image files under ``root`` in the order of their path parts (a depth-first walk,
-    each folder's entries in name order), with the first-level folder each lies in ('' for files
-    directly in ``root``). ``bad`` / ``note`` receive (path, reason) of entries left out;
-    ``reason`` words an OSError. Per plain file: no system call beyond the folder's listing."""
+    each folder's entries in name order), and runs ``(first-level folder, count)`` saying which
+    first-level folder each lies in, in the same order ('' for files directly in ``root``).
+    ``bad`` / ``note`` receive (path, reason) of entries left out; ``reason`` words an OSError.
+    Per plain file: no system call beyond the folder's listing, and, for the usual folder of
+    files with one extension, no Python statement either (see :func:`_all_images`)."""
     paths: list[str] = []
-    tops: list[str] = []
+    runs: list[tuple[str, int]] = []
     try:
         st = os.stat(root)
     except OSError as exc:
         bad(root, f"cannot list directory: {reason(exc)}")
-        return paths, tops
+        return paths, runs
     seen = {(st.st_dev, st.st_ino)}
 
+    def add(files: list[str], prefix: str, label: str) -> None:
+        if files:  # the full paths made by one join and one split, not a Python loop
+            paths.extend((prefix + ("\0" + prefix).join(files)).split("\0"))
+            runs.append((label, len(files)))
+
     def walk(path: str, top: str | None, ancestors: tuple[tuple[int, int], ...]) -> None:
-        files: list[str] = []
-        dirs: list[os.DirEntry] = []
-        add_file, add_dir = files.append, dirs.append  # the loop below runs once per file: kept lean
         try:
             with os.scandir(path) as it:
-                for entry in it:
-                    name = entry.name
-                    if name[0] == ".":
-                        continue
-                    try:
-                        is_dir = entry.is_dir()  # follows symlinks; a plain file needs no stat (its d_type)
-                    except OSError:
-                        is_dir = False
-                    if is_dir:
-                        add_dir(entry)
-                    elif name[name.rfind("."):].lower() in extensions:  # no dot: the last character, never one
-                        add_file(name)
+                entries = list(it)
+            files, dirs = _split(entries, extensions)
         except OSError as exc:
             bad(path, f"cannot list directory: {reason(exc)}")
             return
@@ -68,8 +62,7 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
         prefix = os.path.join(path, "")
         label = top if top is not None else ""
         if not dirs:  # the common case: a folder of files
-            paths.extend([prefix + name for name in files])
-            tops.extend([label] * len(files))
+            add(files, prefix, label)
             return
         # every sub-folder of this folder is claimed before any is entered (as os.walk top-down),
         # so a link elsewhere to one of them is the duplicate, not the folder itself
@@ -92,14 +85,55 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
             if name in folders:
                 walk(prefix + name, name if top is None else top, ancestors + (folders[name],))
             else:
-                paths.append(prefix + name)
-                tops.append(label)
+                add([name], prefix, label)
 
     walk(root, None, ((st.st_dev, st.st_ino),))
-    return paths, tops
+    return paths, runs
+
+
+def _split(entries: list[os.DirEntry], extensions: frozenset[str]) -> tuple[list[str], list[os.DirEntry]]:
+    """(names of candidate image files, visible sub-folder entries) of one folder's listing:
+    hidden names and other extensions are left out; a symlink counts as what it points to."""
+    try:  # is_dir follows symlinks; a plain file needs no stat (its d_type). map: a loop in C
+        flags = list(map(_IS_DIR, entries))
+    except OSError:
+        flags = [_is_dir(e) for e in entries]
+    dirs = [e for e, is_dir in zip(entries, flags) if is_dir and e.name[0] != "."] if any(flags) else []
+    if not dirs:
+        names = list(map(_NAME, entries))
+        if _all_images(names, extensions):
+            return names, dirs
+    else:
+        names = [e.name for e in entries if not _is_dir(e)]
+    files = [name for name in names
+             if name[0] != "." and name[name.rfind("."):].lower() in extensions]  # no dot: the last character
+    return files, dirs
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # e.g. a permission error on a symlink's target: not a folder to enter
+        return False
+
+
+def _all_images(names: list[str], extensions: frozenset[str]) -> bool:
+    """Whether every name in ``names`` is visible and ends with the first one's extension, one of
+    ``extensions`` (case-insensitive): two string scans in C instead of a statement per file.
+    Each name ends with at most one "extension + NUL" of the joined text, so the count equals
+    the number of names only when every name has that extension."""
+    if not names:
+        return True
+    first = names[0]
+    ext = first[first.rfind("."):].lower()
+    if len(ext) < 2 or ext not in extensions:
+        return False
+    text = ("\0".join(names) + "\0").lower()
+    return not text.startswith(".") and "\0." not in text and text.count(ext + "\0") == len(names)
 
 
 _NAME = operator.attrgetter("name")
+_IS_DIR = os.DirEntry.is_dir
 
 
 def tree_identity(root: str) -> dict[str, Any]:
