@@ -101,6 +101,7 @@ import torch
 import torch.nn.functional as F
 
 from twist.config import AugmentConfig
+from twist.data.crops import fallback_box
 
 __all__ = [
     "MultiCropAugment",
@@ -440,19 +441,13 @@ def _crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, floa
     w = np.take_along_axis(w, first, axis=-1)[..., 0]
     h = np.take_along_axis(h, first, axis=-1)[..., 0]
     # no valid attempt: a centre crop with the aspect ratio clamped to the range
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        cw, ch = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        ch, cw = height, int(round(height * max(ratio)))
-    else:
-        cw, ch = width, height
+    ctop, cleft, ch, cw = fallback_box(height, width, ratio)
     w = np.where(found, w, cw)
     h = np.where(found, h, ch)
     top = np.minimum(np.floor(u[..., _C_TOP] * (height - h + 1)), height - h)
     left = np.minimum(np.floor(u[..., _C_LEFT] * (width - w + 1)), width - w)
-    top = np.where(found, top, (height - ch) // 2)
-    left = np.where(found, left, (width - cw) // 2)
+    top = np.where(found, top, ctop)
+    left = np.where(found, left, cleft)
     return top, left, h, w
 
 

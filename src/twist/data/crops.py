@@ -84,6 +84,13 @@ def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[f
             top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
             left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
             return top, left, h, w
+    return fallback_box(height, width, ratio)
+
+
+def fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of RandomResizedCrop's box when no attempt fits: the centre crop
+    with the image's aspect ratio clamped into ``ratio`` (the batched crops of
+    :mod:`twist.augment` use it too)."""
     shape = width / height
     if shape < min(ratio):
         w, h = width, int(round(width / min(ratio)))
