@@ -241,7 +241,7 @@ def test_listing_opens_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", refuse)
     monkeypatch.setattr(os, "open", refuse)
     monkeypatch.setattr(Image, "open", refuse)
-    paths, runs = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, refuse, refuse, str)
+    paths, runs, _ = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, refuse, refuse, str)
     monkeypatch.undo()
     assert [os.path.relpath(p, tmp_path) for p in paths] == [f"c{c}/im{i}.jpg" for c in range(2) for i in range(3)]
     assert runs == [("c0", 3), ("c1", 3)]
@@ -265,7 +265,7 @@ def test_listing_fast_path_keeps_the_rules(tmp_path):
         for name in names:
             (tmp_path / folder / name).write_bytes(b"x")
     (tmp_path / "top.jpg").write_bytes(b"x")
-    paths, runs = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, lambda *a: None, lambda *a: None, str)
+    paths, runs, _ = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, lambda *a: None, lambda *a: None, str)
     expected = []
     for dirpath, dirnames, filenames in os.walk(tmp_path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -308,6 +308,15 @@ def test_resume_reads_the_index_and_lists_nothing(tmp_path, monkeypatch):
     # a new image in a class folder changes that folder's modification time: listed again
     photo(100, 100, seed=9).save(data / "c1" / "new.jpg")
     assert len(streamed(data, index_path=index, crop_size=32)) == len(first) + 1
+    # deeper down too: every folder walked is recorded, not only the first level
+    os.makedirs(data / "c0" / "sub" / "deeper")
+    photo(100, 100, seed=10).save(data / "c0" / "sub" / "deeper" / "a.jpg")
+    assert len(streamed(data, index_path=index, crop_size=32)) == len(first) + 2
+    os.utime(data / "c0" / "sub" / "deeper", ns=(1, 1))  # as if the deep folder had changed
+    listed = []
+    monkeypatch.setattr(folder_module, "list_tree", lambda *a, **k: listed.append(1) or list_tree(*a, **k))
+    assert len(streamed(data, index_path=index, crop_size=32)) == len(first) + 2 and listed == [1]
+    assert len(streamed(data, index_path=index, crop_size=32)) == len(first) + 2 and listed == [1]  # reused
 
 
 def test_scan_full_checks_headers_before_training(tmp_path):

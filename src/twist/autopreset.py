@@ -107,7 +107,7 @@ def summarize_data(spec: str) -> DataSummary:
         shapes = [_npz_shape(os.path.join(path, e)) for e in train]
         n, h, w, c = shapes[0]
         return DataSummary("array", sum(s[0] for s in shapes), c, min(h, w))
-    paths, runs = list_tree(path, IMAGE_EXTENSIONS, lambda *_: None, lambda *_: None, failure_reason)
+    paths, runs, _ = list_tree(path, IMAGE_EXTENSIONS, lambda *_: None, lambda *_: None, failure_reason)
     if not paths:
         return DataSummary("folder", 0)
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import torch
 
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import decode_image, display_path, failure_reason, probe_image
-from twist.data.listing import list_tree, read_index, tree_identity, write_index
+from twist.data.listing import Listing, list_tree, read_index, write_index
 from twist.data.threads import num_threads, ordered_map
 
 logger = logging.getLogger(__name__)
@@ -57,13 +57,15 @@ class _Skips:
                         f"(bad_files='stop'{others}; use bad_files='skip' to leave such files out)")
 
 
-def _labelled(root: str, skips: _Skips, name: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """Paths and labels of the images to use, and the class names: labels are the first-level
-    sub-folders holding at least one candidate image (labels -1 and no classes without any)."""
-    paths, runs = list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, failure_reason)
+def _labelled(root: str, skips: _Skips, name: str) -> tuple[Listing, np.ndarray, list[str]]:
+    """The listing of the images to use, their labels and the class names: labels are the
+    first-level sub-folders holding at least one candidate image (labels -1 and no classes
+    without any; files beside class folders are left out)."""
+    listing = list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, failure_reason)
+    paths, runs = listing.paths, listing.runs
     class_names = sorted({top for top, _ in runs} - {""})
     if not class_names:
-        return paths, np.full(len(paths), -1, dtype=np.int64), []
+        return listing, np.full(len(paths), -1, dtype=np.int64), []
     class_index = {c: i for i, c in enumerate(class_names)}
     class_index[""] = -1
     labels = np.repeat(np.array([class_index[top] for top, _ in runs], dtype=np.int64),
@@ -75,8 +77,9 @@ def _labelled(root: str, skips: _Skips, name: str) -> tuple[list[str], np.ndarra
         logger.warning("%s: %d image(s) directly in the top folder are left out: with class sub-folders, "
                        "labels come from the sub-folders", name, len(outside))
         keep = np.flatnonzero(labels >= 0)
-        paths, labels = [paths[i] for i in keep], labels[keep]
-    return paths, labels, class_names
+        listing = listing._replace(paths=[paths[i] for i in keep])
+        labels = labels[keep]
+    return listing, labels, class_names
 
 
 def _probe_all(paths: list[str], max_pixels: int, progress: bool, desc: str) -> list[tuple[int, int, bool] | str]:
@@ -120,14 +123,12 @@ def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float
     skips = _Skips(bad_files)
     settings = {"image_size": image_size, "max_memory_gb": max_memory_gb, "crop_size": crop_size,
                 "max_pixels": max_pixels, "bad_files": bad_files}
-    try:
-        identity = tree_identity(root) if index_path and scan == "list" else None
-    except OSError:  # the root cannot be listed: no index; the listing reports why
-        identity = None
-    index = read_index(index_path, identity, settings) if identity is not None else None
+    use_index = bool(index_path) and scan == "list"
+    index = read_index(index_path, root, settings) if use_index else None
     if index is not None:
         return _from_index(index, root, name, max_pixels)
-    paths, labels, class_names = _labelled(root, skips, name)
+    listing, labels, class_names = _labelled(root, skips, name)
+    paths = listing.paths
     if not paths:
         _raise_empty(root, skips)
 
@@ -143,9 +144,9 @@ def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float
     ds = _streamed(name, paths, labels, class_names, channels, size, max_pixels, crop_size)
     skips.check()
     ds.skipped = skips.items
-    if identity is not None:
+    if use_index:
         prefix = os.path.join(root, "")  # every listed path starts with it (relpath is 20x slower)
-        write_index(index_path, identity, settings, {
+        write_index(index_path, root, listing, settings, {
             "paths": [p[len(prefix):] for p in ds.paths], "labels": labels.tolist(),
             "class_names": class_names, "channels": channels, "size": list(size),
             "skipped": [list(item) for item in skips.items]})

@@ -9,11 +9,12 @@ entries sorted by their path parts, the order the rest of the package relies on.
 after it (137x the walk on 9,469 JPEGs); listing is now the whole start-up of a streamed folder.
 
 :func:`write_index` / :func:`read_index` keep a run's list in its run folder (JSON: the root's
-absolute path and modification times, the listing settings, the relative paths, labels and the
-entries left out), so a resumed run lists nothing. The index is reused only when the root
-folder and its first-level sub-folders have the modification times recorded (adding or removing
-a file or a class folder there changes them); changes deeper down are not seen: delete the
-index file to list again.
+absolute path, the modification time of every folder walked, the listing settings, the relative
+paths, labels and the entries left out), so a resumed run lists nothing. The index is reused
+only when every folder it recorded still has its recorded time (one ``stat`` per folder, about
+1,000 for ImageNet): adding, removing or renaming a file or a folder anywhere in the tree changes
+its parent folder's time, so the folder is listed again. Rewriting a file in place is not seen
+(it changes no folder), and needs no new list either.
 """
 
 from __future__ import annotations
@@ -21,29 +22,43 @@ from __future__ import annotations
 import json
 import operator
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from twist.checkpoint import atomic_write
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+
+
+class Listing(NamedTuple):
+    """What :func:`list_tree` found."""
+
+    paths: list[str]
+    runs: list[tuple[str, int]]
+    """(first-level folder, number of consecutive paths in it), in path order."""
+    folder_times: dict[str, int]
+    """Modification time (ns) of every folder walked, by path relative to the root ('.' = root)."""
 
 
 def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], None],
-              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> tuple[list[str], list[tuple[str, int]]]:
+              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> Listing:
     """Candidate image files under ``root`` in the order of their path parts (a depth-first walk,
-    each folder's entries in name order), and runs ``(first-level folder, count)`` saying which
-    first-level folder each lies in, in the same order ('' for files directly in ``root``).
+    each folder's entries in name order), runs ``(first-level folder, count)`` saying which
+    first-level folder each lies in, in the same order ('' for files directly in ``root``), and
+    the modification time of every folder walked, taken before it was listed (for the index).
     ``bad`` / ``note`` receive (path, reason) of entries left out; ``reason`` words an OSError.
     Per plain file: no system call beyond the folder's listing, and, for the usual folder of
     files with one extension, no Python statement either (see :func:`_all_images`)."""
     paths: list[str] = []
     runs: list[tuple[str, int]] = []
+    times: dict[str, int] = {}
     try:
         st = os.stat(root)
     except OSError as exc:
         bad(root, f"cannot list directory: {reason(exc)}")
-        return paths, runs
+        return Listing(paths, runs, times)
     seen = {(st.st_dev, st.st_ino)}
+    times["."] = st.st_mtime_ns
+    skip = len(os.path.join(root, ""))
 
     def add(files: list[str], prefix: str, label: str) -> None:
         if files:  # the full paths made by one join and one split, not a Python loop
@@ -81,6 +96,7 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
             else:
                 seen.add(key)
                 folders[entry.name] = key
+                times[entry.path[skip:]] = st.st_mtime_ns
         for name in sorted(files + list(folders)):
             if name in folders:
                 walk(prefix + name, name if top is None else top, ancestors + (folders[name],))
@@ -88,7 +104,7 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
                 add([name], prefix, label)
 
     walk(root, None, ((st.st_dev, st.st_ino),))
-    return paths, runs
+    return Listing(paths, runs, times)
 
 
 def _split(entries: list[os.DirEntry], extensions: frozenset[str]) -> tuple[list[str], list[os.DirEntry]]:
@@ -136,31 +152,19 @@ _NAME = operator.attrgetter("name")
 _IS_DIR = os.DirEntry.is_dir
 
 
-def tree_identity(root: str) -> dict[str, Any]:
-    """What an index is valid for: the root's absolute path and the modification times (ns) of
-    the root and of its first-level sub-folders (one ``stat`` each, no file opened)."""
-    root = os.path.abspath(root)
-    times = {".": os.stat(root).st_mtime_ns}
-    with os.scandir(root) as it:
-        for entry in it:
-            try:
-                if not entry.name.startswith(".") and entry.is_dir():
-                    times[entry.name] = entry.stat().st_mtime_ns
-            except OSError:  # a broken link or a loop: the listing reports it, the identity skips it
-                continue
-    return {"root": root, "mtimes": times}
-
-
-def write_index(path: str, identity: dict[str, Any], settings: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Write the index atomically: ``payload`` holds paths relative to the root, labels, etc."""
+def write_index(path: str, root: str, listing: Listing, settings: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Write the index atomically: the root's absolute path and ``listing``'s folder times (what
+    the index is valid for), ``settings``, and ``payload`` (paths relative to the root, labels...)."""
+    identity = {"root": os.path.abspath(root), "mtimes": listing.folder_times}
     record = {"version": INDEX_VERSION, "identity": identity, "settings": settings, **payload}
     data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogateescape")
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_index(path: str, identity: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The index at ``path`` when it exists and matches ``identity`` and ``settings``, else None
-    (a damaged or stale index is ignored and the folder listed again)."""
+def read_index(path: str, root: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The index at ``path`` when it exists, was made for ``root`` with ``settings``, and no folder
+    it lists has changed since (one ``stat`` per folder: a file added or removed anywhere changes
+    its folder's time), else None: a damaged or stale index is ignored and the folder listed again."""
     try:
         with open(path, "rb") as f:
             record = json.loads(f.read().decode("utf-8", "surrogateescape"))
@@ -168,7 +172,17 @@ def read_index(path: str, identity: dict[str, Any], settings: dict[str, Any]) ->
         return None
     if not isinstance(record, dict) or record.get("version") != INDEX_VERSION:
         return None
-    if record.get("identity") != identity or record.get("settings") != settings:
+    identity = record.get("identity")
+    if record.get("settings") != settings or not isinstance(identity, dict):
+        return None
+    root = os.path.abspath(root)
+    times = identity.get("mtimes")
+    if identity.get("root") != root or not isinstance(times, dict) or "." not in times:
+        return None
+    prefix = os.path.join(root, "")
+    try:
+        if any(os.stat(root if rel == "." else prefix + rel).st_mtime_ns != t for rel, t in times.items()):
+            return None
+    except (OSError, TypeError):
         return None
     return record
-
