@@ -163,6 +163,12 @@ def decode_jpegs(data: list[torch.Tensor], channels: int, device: torch.device) 
     from torchvision.io import ImageReadMode, decode_jpeg
 
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    if device.type == "cuda":
+        # torchvision's nvJPEG decode does not wait for the caller's stream: a block freed while
+        # kernels queued there still read it can be handed to the decoder and overwritten
+        # (pytorch/vision#9606, reproduced on H100s). Draining the stream first avoids it; the
+        # training step has already waited for its loss, so little is queued here.
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work
         warnings.simplefilter("ignore", DeprecationWarning)
