@@ -202,6 +202,15 @@ class TrainConfig:
     """torch.compile the model (only when it compiles and pays on the device)."""
     num_workers: int = 0
     """Loader workers for data decoded on the fly (image folders too large for memory)."""
+    decode: str = "cpu"
+    """Where streamed photos' training views are decoded: cpu (loader workers decode each file
+    and cut its views) or gpu (workers only read the file and draw its crop boxes; the JPEGs of
+    a batch are decoded together on the training device, nvJPEG through
+    torchvision.io.decode_jpeg, and each box is cropped and resized there; the same boxes as
+    cpu for the same seed). Non-JPEG files and any file the device decoder rejects are decoded
+    on the CPU path for that image. Applies to streamed folders and tar shards only: data held
+    in memory is already cropped on the device, and is left as it is with a logged note. On a
+    CPU device gpu runs the same code (tests; no speed gain). Not yet measured on a GPU."""
     eval_every: int = 1
     """Evaluate cluster metrics and kNN every N epochs when labels exist (0 = never)."""
     eval_batch_size: int = 512
@@ -311,6 +320,7 @@ class TwistConfig:
         _check(t.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", t.max_skipped_in_a_row, "at least 1")
         _check(t.bad_files in ("skip", "stop"), "train.bad_files", t.bad_files, "skip or stop")
         _check(t.num_workers >= 0, "train.num_workers", t.num_workers, "non-negative")
+        _check(t.decode in ("cpu", "gpu"), "train.decode", t.decode, "cpu or gpu (where streamed photos are decoded)")
         _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "non-negative")
         _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "non-negative")
         _check(t.image_size >= 0, "train.image_size", t.image_size, "non-negative (0 = global crop size)")

@@ -109,11 +109,13 @@ class Run:
 
     def loader(self, epoch: int, start_batch: int = 0, views: ViewPlan | None = None):
         """The training batches of loader epoch ``epoch`` for this rank, from ``start_batch``;
-        streamed photos come as the ``views`` cut at decode time (a list of uint8 batches)."""
+        streamed photos come as the ``views`` cut at decode time (a list of uint8 batches),
+        already on the training device under train.decode=gpu (twist.data.device_decode)."""
         t = self.cfg.train
         return batch_loader(self.dataset, t.batch_size, shuffle=True, drop_last=True, seed=t.seed, epoch=epoch,
                             rank=self.rank, world_size=self.world, num_workers=t.num_workers,
-                            start_batch=start_batch, views=views)
+                            start_batch=start_batch, views=views,
+                            decode_device=self.device if t.decode == "gpu" else None)
 
 
 def batch_to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:

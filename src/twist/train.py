@@ -229,6 +229,10 @@ def announce(run: Run, steps_per_epoch: int) -> None:
     hint = preset_hint(cfg, ds.channels)
     if hint:
         logger.info("note: %s", hint)
+    if cfg.train.decode == "gpu":
+        logger.info("note: %s", f"train.decode=gpu: JPEG views decoded and cut on {run.device}" if not ds.in_memory else
+                    "train.decode=gpu is ignored: the data is held in memory and already cropped on the device "
+                    "(it applies to streamed folders and tar shards)")
 
 
 def warn_if_collapsed(run: Run, record: dict[str, Any]) -> bool:

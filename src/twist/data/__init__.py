@@ -85,7 +85,11 @@ the global crop size) a streamed image is the release's evaluation crop: shorter
 (bicubic) to ``round(crop_size / 0.875)`` (256 for 224), centre ``crop_size`` square; otherwise
 the resize + centre crop of "Folder images". For training, ``batch_loader(views=ViewPlan)``
 instead cuts every view from the ORIGINAL file (:mod:`twist.data.views`): ``image_size`` then
-sizes only data held in memory. A streamed file that fails to decode (e.g. a truncated JPEG, or a file removed since) never
+sizes only data held in memory. With ``batch_loader(views=..., decode_device=device)``
+(``train.decode=gpu``) the workers only read each file and draw its boxes, and the batch's JPEGs
+are decoded and cut on ``device`` (:mod:`twist.data.device_decode`; non-JPEGs and files the
+device decoder refuses take the CPU path per image; not yet run on a GPU in this project). A
+streamed file that fails to decode (e.g. a truncated JPEG, or a file removed since) never
 stops an epoch, under either policy: its slot in the batch gets a copy of the previous good image
 of the same batch (the next one when it is first); the file is added to ``skipped`` once, the
 count ``replaced`` grows, and a warning is logged. If no image of a batch decodes, up to 64 other

@@ -16,6 +16,7 @@ from PIL import Image
 
 from twist.data.crops import ViewPlan, image_generator
 from twist.data.decode import decode_image, display_path, failure_reason
+from twist.data.device_decode import PlannedBatch, decode_planned, plan_image
 from twist.data.threads import num_threads, ordered_map
 from twist.data.views import decode_views as cut_views
 from twist.io import write_text_atomic
@@ -149,6 +150,46 @@ class ImageDataset:
         failures = self._decode_slots(idx, one, copy, threads)
         return [torch.from_numpy(o) for o in outs], failures
 
+    def plan_view_batch(self, idx: np.ndarray, plan: ViewPlan, epoch: int,
+                        threads: int | None) -> tuple[PlannedBatch, list[tuple[str, str]]]:
+        """The worker half of ``train.decode=gpu`` for files ``idx`` (streamed mode): JPEG bytes
+        and the same crop boxes as :meth:`decode_view_batch`, other files' views cut here (see
+        :mod:`twist.data.device_decode`). A file whose header fails gets a substitute slot."""
+        slots: list = [None] * len(idx)
+        limit = self.max_pixels or Image.MAX_IMAGE_PIXELS or 100_000_000
+
+        def one(j: int, i: int) -> None:
+            slots[j] = plan_image(self.source(i), i, plan, epoch, self.channels, limit)
+
+        def copy(dst: int, src: int) -> None:
+            slots[dst] = slots[src]
+
+        failures = self._decode_slots(idx, one, copy, threads)
+        return PlannedBatch.pack(slots, epoch, plan, self.channels), failures
+
+    def finish_view_batch(self, batch: PlannedBatch, plan: ViewPlan,
+                          device: torch.device) -> tuple[list[torch.Tensor], list[tuple[str, str]]]:
+        """The device half of ``train.decode=gpu``: the uint8 (b, C, S, S) views of a planned
+        batch on ``device``. A file no decoder reads is replaced as in :meth:`decode_view_batch`
+        (a batch none of whose files decodes goes through that CPU path whole)."""
+        limit = self.max_pixels or Image.MAX_IMAGE_PIXELS or 100_000_000
+        outs, failed = decode_planned(batch, plan, self.channels, limit, device)
+        if not failed:
+            return outs, []
+        assert self.paths is not None
+        if len(failed) == len(batch):
+            views, failures = self.decode_view_batch(np.asarray(batch.indices), plan, batch.epoch, None)
+            return [v.to(device) for v in views], failures
+        ok = np.ones(len(batch), dtype=bool)
+        ok[[j for j, _ in failed]] = False
+
+        def copy(dst: int, src: int) -> None:
+            for out in outs:
+                out[dst] = out[src]
+
+        _fill_from_good(ok, copy)
+        return outs, [(self.paths[batch.indices[j]], reason) for j, reason in failed]
+
     def _decode_slots(self, idx: np.ndarray, one: Callable[[int, int], None], copy: Callable[[int, int], None],
                       threads: int | None) -> list[tuple[str, str]]:
         """Run ``one(slot, image)`` for every slot (in threads); a failed slot is filled by
@@ -184,10 +225,7 @@ class ImageDataset:
                 path, reason = failures[0]
                 raise DataError(f"no image of a batch could be decoded (e.g. {display_path(path)}: {reason}); "
                                 f"the data may have become unreadable")
-        good = np.flatnonzero(ok)
-        for j in np.flatnonzero(~ok):
-            before = good[good < j]
-            copy(int(j), int(before[-1] if len(before) else good[0]))
+        _fill_from_good(ok, copy)
         return failures
 
     def record_failures(self, failures: Iterable[tuple[str, str]]) -> None:
@@ -212,3 +250,12 @@ class ImageDataset:
             text = "path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in rows)
         write_text_atomic(out, text)
         return out
+
+
+def _fill_from_good(ok: np.ndarray, copy: Callable[[int, int], None]) -> None:
+    """Fill every failed slot (``ok`` False) by ``copy(slot, source)`` from the previous good
+    slot, or the first good one when none comes before it."""
+    good = np.flatnonzero(ok)
+    for j in np.flatnonzero(~ok):
+        before = good[good < j]
+        copy(int(j), int(before[-1] if len(before) else good[0]))

@@ -61,7 +61,9 @@ def open_image(source: str | bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def _orientation(im: Image.Image) -> int:
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1-8) of an opened image, read from its header; 1 when absent
+    or unreadable (what :func:`load_oriented` applies; the device decoder applies it itself)."""
     try:
         if im.format in ("JPEG", "MPO", "TIFF", "WEBP"):
             return int(im.getexif().get(0x0112, 1) or 1)
@@ -80,7 +82,7 @@ def probe_image(path: str | bytes, max_pixels: int) -> tuple[int, int, bool]:
     with open_image(path, max_pixels) as im:
         w, h = im.size
         gray = im.mode in _GRAY_MODES
-        if _orientation(im) in (5, 6, 7, 8):
+        if exif_orientation(im) in (5, 6, 7, 8):
             w, h = h, w
         im.verify()
     return w, h, gray
@@ -89,7 +91,7 @@ def probe_image(path: str | bytes, max_pixels: int) -> tuple[int, int, bool]:
 def oriented_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image once its EXIF orientation is applied."""
     w, h = im.size
-    return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
+    return (h, w) if exif_orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
 def load_oriented(im: Image.Image, channels: int, draft: tuple[int, int] | None = None) -> Image.Image:

@@ -4,7 +4,7 @@ in ``DataLoader`` workers."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -27,18 +27,23 @@ class _BatchSet(torch.utils.data.Dataset):
     """One item = one whole batch, decoded in a DataLoader worker (streamed datasets)."""
 
     def __init__(self, dataset: ImageDataset, batches: list[torch.Tensor], threads: int,
-                 views: ViewPlan | None = None, epoch: int = 0) -> None:
+                 views: ViewPlan | None = None, epoch: int = 0, planned: bool = False) -> None:
         self.dataset = dataset
         self.batches = batches
         self.threads = threads
         self.views, self.epoch = views, epoch
+        self.planned = planned
+        """Only read headers and draw boxes (train.decode=gpu: the trainer decodes on its device)."""
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, list[tuple[str, str]]]:
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor, list[tuple[str, str]]]:
         idx = self.batches[i]
         real = real_indices(idx).numpy()
+        if self.views is not None and self.planned:
+            planned, failures = self.dataset.plan_view_batch(real, self.views, self.epoch, self.threads)
+            return planned, idx, failures
         if self.views is not None:
             views, failures = self.dataset.decode_view_batch(real, self.views, self.epoch, self.threads)
             return views, idx, failures
@@ -53,7 +58,8 @@ class BatchLoader:
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
                  epoch: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, start_batch: int = 0, views: ViewPlan | None = None) -> None:
+                 pin_memory: bool = False, start_batch: int = 0, views: ViewPlan | None = None,
+                 decode_device: torch.device | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -68,6 +74,7 @@ class BatchLoader:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.start_batch = max(int(start_batch), 0)
         self.views = views if dataset.images is None else None  # arrays in memory keep the batched crops
+        self.decode_device = torch.device(decode_device) if decode_device is not None and self.views else None
         n = len(dataset)
         if drop_last:
             self.per_rank = n // world_size
@@ -114,10 +121,15 @@ class BatchLoader:
                 yield (out.pin_memory() if self.pin_memory else out), idx
             return
         threads = 1 if self.num_workers > 0 else num_threads()
+        planned = self.decode_device is not None
         loader = torch.utils.data.DataLoader(
-            _BatchSet(ds, batches, threads, self.views, self.epoch), batch_size=None, shuffle=False, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers > 0 else None)
+            _BatchSet(ds, batches, threads, self.views, self.epoch, planned), batch_size=None, shuffle=False,
+            num_workers=self.num_workers, pin_memory=self.pin_memory and not planned,
+            prefetch_factor=4 if self.num_workers > 0 else None)
         for images, idx, failures in loader:
+            if planned:  # train.decode=gpu: the JPEGs are decoded and cut on the training device
+                images, more = ds.finish_view_batch(images, self.views, self.decode_device)
+                failures = list(failures) + more
             if failures:
                 ds.record_failures((str(p), str(r)) for p, r in failures)
             yield images, idx
@@ -125,7 +137,8 @@ class BatchLoader:
 
 def batch_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, epoch: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, start_batch: int = 0, views: ViewPlan | None = None) -> BatchLoader:
+                 pin_memory: bool = False, start_batch: int = 0, views: ViewPlan | None = None,
+                 decode_device: torch.device | str | None = None) -> BatchLoader:
     """Batches ``(uint8 images (b, C, H, W), int64 indices)`` of one epoch for one rank.
 
     Deterministic in ``(seed, epoch)``; ranks take disjoint strided slices of one permutation;
@@ -135,7 +148,10 @@ def batch_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, drop_
     ``views``: for streamed datasets, each batch is instead a list of uint8 view batches
     ``[(b, C, S, S) per view]`` cut at decode time from the original files (see
     :mod:`twist.data.views`); in-memory datasets ignore it and yield whole images.
+    ``decode_device`` (with ``views``, streamed datasets; ``train.decode=gpu``): workers only
+    read the files and draw the boxes; JPEGs are decoded and cut on this device and the view
+    batches come already there (:mod:`twist.data.device_decode`); the same boxes as without it.
     """
     return BatchLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch,
                        rank=rank, world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
-                       start_batch=start_batch, views=views)
+                       start_batch=start_batch, views=views, decode_device=decode_device)
