@@ -113,6 +113,18 @@ def plan_boxes(plan: ViewPlan, height: int, width: int, generator: torch.Generat
     return [crop_box(height, width, scale, plan.ratio, generator) for scale in plan.scales]
 
 
+def scaled_box(box: tuple[int, int, int, int], fy: float, fx: float) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of ``box`` in an image shrunk by ``fy`` / ``fx`` (a reduced JPEG
+    decode, or its area-averaged equivalent on the device), each edge rounded to a whole shrunk
+    pixel (at most half a shrunk pixel off), at least one pixel wide."""
+    top, left, h, w = box
+    if fy == 1.0 and fx == 1.0:
+        return box
+    t, b = round(top * fy), round((top + h) * fy)
+    l, r = round(left * fx), round((left + w) * fx)
+    return t, l, max(1, b - t), max(1, r - l)
+
+
 def draft_factor(boxes: list[tuple[int, int, int, int]], sizes: tuple[int, ...]) -> int:
     """The largest of 8, 4, 2, 1 that keeps every box >= its view's side along both axes."""
     room = min(min(h, w) / size for (_, _, h, w), size in zip(boxes, sizes))

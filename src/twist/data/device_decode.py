@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twist.data.crops import ViewPlan, draft_factor, image_generator, plan_boxes
+from twist.data.crops import ViewPlan, draft_factor, image_generator, plan_boxes, scaled_box
 from twist.data.decode import exif_orientation, failure_reason, open_image, oriented_size
 from twist.data.views import decode_views
 
@@ -147,11 +147,8 @@ def cut_views(image: torch.Tensor, boxes: tuple[Box, ...], plan: ViewPlan) -> li
         pixels = F.avg_pool2d(pixels, factor, ceil_mode=True)
     fy, fx = pixels.shape[2] / height, pixels.shape[3] / width
     views = []
-    for (top, left, h, w), size in zip(boxes, plan.sizes):
-        if factor > 1:  # the box in shrunk pixels, rounded (as twist.data.views does)
-            top, bottom = round(top * fy), round((top + h) * fy)
-            left, right = round(left * fx), round((left + w) * fx)
-            h, w = max(1, bottom - top), max(1, right - left)
+    for box, size in zip(boxes, plan.sizes):
+        top, left, h, w = scaled_box(box, fy, fx) if factor > 1 else box  # the box in shrunk pixels
         box = pixels[:, :, top:top + h, left:left + w]
         views.append(F.interpolate(box, size=(size, size), mode=plan.interpolation, antialias=True)[0])
     return views

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twist.data.crops import ViewPlan, draft_factor, plan_boxes
+from twist.data.crops import ViewPlan, draft_factor, plan_boxes, scaled_box
 from twist.data.decode import load_oriented, open_image, oriented_size
 
 
@@ -45,11 +45,8 @@ def decode_views(source: str | bytes, plan: ViewPlan, generator: torch.Generator
     pixels = pixels[None, None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)[None]  # (1, C, H, W), no copy
     fy, fx = pixels.shape[2] / height, pixels.shape[3] / width
     views = []
-    for (top, left, h, w), size in zip(boxes, plan.sizes):
-        if fx != 1.0 or fy != 1.0:  # reduced decode: the box in decoded pixels, rounded
-            top, bottom = round(top * fy), round((top + h) * fy)
-            left, right = round(left * fx), round((left + w) * fx)
-            h, w = max(1, bottom - top), max(1, right - left)
+    for box, size in zip(boxes, plan.sizes):
+        top, left, h, w = scaled_box(box, fy, fx)  # a reduced decode: the box in decoded pixels
         box = pixels[:, :, top:top + h, left:left + w]
         view = F.interpolate(box, size=(size, size), mode=plan.interpolation, antialias=True)
         views.append(view[0].numpy())
