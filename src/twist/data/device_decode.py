@@ -148,7 +148,7 @@ def cut_views(image: torch.Tensor, boxes: tuple[Box, ...], plan: ViewPlan) -> li
     fy, fx = pixels.shape[2] / height, pixels.shape[3] / width
     views = []
     for box, size in zip(boxes, plan.sizes):
-        top, left, h, w = scaled_box(box, fy, fx) if factor > 1 else box  # the box in shrunk pixels
+        top, left, h, w = scaled_box(box, fy, fx)  # the box in shrunk pixels (itself when not shrunk)
         box = pixels[:, :, top:top + h, left:left + w]
         views.append(F.interpolate(box, size=(size, size), mode=plan.interpolation, antialias=True)[0])
     return views
