@@ -151,13 +151,14 @@ def split_paths(dataset: str) -> tuple[str, str]:
     return str(dataset), str(dataset)
 
 
-def preset_config(name: str, train_spec: str):
-    """``--preset auto``: what ``twist train`` chooses without --preset (twist.autopreset)."""
+def preset_config(name: str, train_spec: str, budget: bool = True):
+    """``--preset auto``: what ``twist train`` chooses without --preset (twist.autopreset; with
+    ``budget`` the CPU photo recipe's epochs come from the speed measured here)."""
     if name != "auto":
         return get_preset(name)
-    from twist.autopreset import choose_preset, device_info, summarize_data
+    from twist.autopreset import auto_preset
 
-    cfg, reasons = choose_preset(summarize_data(train_spec), device_info())
+    cfg, reasons = auto_preset(train_spec, budget=budget)
     for line in reasons:
         log(line)
     return cfg
@@ -165,7 +166,8 @@ def preset_config(name: str, train_spec: str):
 
 def run(args: argparse.Namespace) -> int:
     train_spec, test_spec = split_paths(args.dataset)
-    cfg = preset_config(args.preset, train_spec)
+    fixed_epochs = args.epochs is not None or any(o.startswith("train.epochs=") for o in args.overrides)
+    cfg = preset_config(args.preset, train_spec, budget=not fixed_epochs)
     apply_overrides(cfg, args.overrides)
     if args.epochs is not None:
         cfg.train.epochs = args.epochs

@@ -21,18 +21,19 @@ from PIL import Image
 from twist import autopreset
 from twist.autopreset import DataSummary, DeviceInfo, choose_preset, fit_batch, summarize_data
 from twist.cli import main
+from twist.presets import get_preset
 
 CPU = DeviceInfo("cpu", threads=2)
 GPU = DeviceInfo("cuda", gpus=1, gpu_memory_gb=80.0, bf16=True, threads=16)
 
 
-def test_cpu_photos_get_the_measured_cifar10_recipe_with_c_from_the_class_folders():
+def test_cpu_photos_get_the_photo_cpu_recipe_with_c_from_the_class_folders():
     cfg, reasons = choose_preset(DataSummary("folder", 10_000, 3, 375, 5), CPU)
-    assert cfg.preset == "cifar10" and cfg.model.backbone == "small_cnn" and cfg.model.num_classes == 5
-    assert cfg.augment.global_size == 32 and cfg.train.batch_size == 256
-    assert len(reasons) == 2 and "'cifar10'" in reasons[0] and "photos on a CPU" in reasons[1]
+    assert cfg.preset == "photo-cpu" and cfg.model.backbone == "small_cnn" and cfg.model.num_classes == 5
+    assert cfg.model.small_cnn_stride == 2 and cfg.augment.global_size == 64 and cfg.train.batch_size == 256
+    assert len(reasons) == 2 and "'photo-cpu'" in reasons[0] and "photos on a CPU" in reasons[1]
     grey, _ = choose_preset(DataSummary("folder", 10_000, 1, 300, 0), CPU)
-    assert grey.preset == "cifar10" and grey.model.num_classes == 10  # no class folders: the preset's C
+    assert grey.preset == "photo-cpu" and grey.model.num_classes == 10  # no class folders: the preset's C
 
 
 def test_gpu_photos_get_the_release_resnet50_recipe():
@@ -63,6 +64,35 @@ def test_batch_fits_small_data():
     assert fit_batch(128, 100, world=4) == 8 and fit_batch(64, 3) == 2
     cfg, reasons = choose_preset(DataSummary("folder", 100, 3, 150, 2), CPU)
     assert cfg.train.batch_size == 32 and "32 per process" in reasons[1]
+
+
+def test_budget_epochs_fill_the_minutes_at_the_measured_rate():
+    # 20 min x 60 x 100 images/s x 0.85 = 102,000 images: 10 epochs of 10,000
+    assert autopreset.budget_epochs(10_000, 100.0, minutes=20) == 10
+    assert autopreset.budget_epochs(10_000, 100.0, minutes=20) * 10_000 <= 20 * 60 * 100 * autopreset.STEP_EFFICIENCY
+    assert autopreset.budget_epochs(1_281_167, 100.0) == 1  # never 0
+    assert autopreset.budget_epochs(100, 1000.0, max_epochs=50) == 50
+
+
+def test_measured_rate_is_a_positive_images_per_second():
+    from twist.config import apply_overrides
+
+    cfg = apply_overrides(get_preset("photo-cpu"), ["model.small_cnn_width=4", "model.hidden_dim=16",
+                                                    "train.batch_size=4"])
+    rate = autopreset.measure_images_per_s(cfg, channels=3, steps=1)
+    assert 0 < rate < float("inf")
+
+
+def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path, monkeypatch):
+    make_photos(tmp_path / "photos")
+    monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
+    monkeypatch.setattr(autopreset, "measure_images_per_s", lambda cfg, channels, steps=2: 2.0)
+    cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
+    assert cfg.preset == "photo-cpu" and cfg.train.epochs == autopreset.budget_epochs(100, 2.0) == 20
+    assert "2 images/s" in reasons[-1] and "20 epochs" in reasons[-1]
+    monkeypatch.setattr(autopreset, "measure_images_per_s", lambda *a, **k: pytest.fail("measured with fixed epochs"))
+    fixed, reasons = autopreset.auto_preset(str(tmp_path / "photos"), budget=False)
+    assert fixed.train.epochs == get_preset("photo-cpu").train.epochs and len(reasons) == 2
 
 
 def make_photos(root, n_per_class: int = 50, seed: int = 0) -> None:
@@ -101,9 +131,9 @@ def test_auto_preset_trains_on_100_photos_and_the_gallery_shows_the_originals(ph
     rc = main(["train", str(data), "--out", str(out), "--epochs", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "auto preset 'cifar10'" in err and "batch 256 -> 32 per process" in err
+    assert "auto preset 'photo-cpu'" in err and "batch 256 -> 32 per process" in err
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["preset"] == "cifar10" and cfg["train"]["batch_size"] <= 100
+    assert cfg["preset"] == "photo-cpu" and cfg["train"]["batch_size"] <= 100
     assert (out / "metrics.jsonl").read_text().strip()
 
     rep = photo_run / "report"

@@ -80,6 +80,24 @@ def test_resnets_and_cifar_stem(name, dim):
     assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, dim)
 
 
+def test_small_cnn_stride_two_stem_sees_64_px_through_32_px_maps():
+    """model.small_cnn_stride=2 (the photo-cpu recipe): the first convolution halves the image,
+    so every later layer of a 64 px view works on the maps a 32 px view gives with stride 1, and
+    the weights are the same tensors (checkpoints and exports do not change)."""
+    cfg = ModelConfig(backbone="small_cnn", small_cnn_width=4, hidden_dim=16, num_classes=5)
+    plain = build_model(cfg, in_channels=3)
+    stem = build_model(dataclasses.replace(cfg, small_cnn_stride=2), in_channels=3)
+    assert stem.backbone.features[0].stride == (2, 2) and plain.backbone.features[0].stride == (1, 1)
+    assert {k: v.shape for k, v in stem.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    seen = []
+    stem.backbone.features[3].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    plain.backbone.features[3].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    assert stem.features(torch.randn(2, 3, 64, 64)).shape == plain.features(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    assert seen == [(2, 4, 32, 32), (2, 4, 32, 32)]
+    with pytest.raises(Exception, match="small_cnn_stride"):
+        get_preset("cifar10").__class__.from_dict({"model": {"small_cnn_stride": 3}}).validate()
+
+
 def test_resnet50_backbone_loads_into_torchvision_without_fc():
     import torchvision
 

@@ -13,11 +13,12 @@ The rules (docs/results.md, "The photo default", holds the measurements behind t
 * small arrays (the built-in digits; npz data; images of at most 32 px) keep the measured
   array presets: ``digits`` up to 12 px grey, ``mnist`` for other grey images, ``cifar10``
   (``cifar10-gpu`` on a GPU) for colour;
-* photos on a CPU: the ``cifar10`` recipe (small convnet, 32 px views, cut at decode time from
-  the original photos when the folder is streamed), with C = the number of class folders when
-  there are some. A ResNet-18 at 64 px with a time-budgeted number of epochs was tried and
-  collapsed to uniform predictions on flowers5 in every short run (docs/results.md, "The photo
-  default"): until a larger photo recipe is shown to train, the CPU keeps this measured one;
+* photos on a CPU (``photo-cpu``): the ``cifar10`` recipe looking at 64 px views through a
+  stride-2 stem (the cost of 32 px; views cut at decode time from the original photos when the
+  folder is streamed), with C = the number of class folders when there are some. Its epochs are
+  then fitted by :func:`auto_preset` to CPU_BUDGET_MIN minutes at the training speed measured on
+  this machine (a few seconds of timed steps): CPUs differ up to 6x (AVX512-BF16 or not), so a
+  fixed number of epochs would either run for an hour or leave most of the budget unused;
 * photos on a GPU (``photo-gpu``): the release's ResNet-50 multi-crop recipe at 224 px (2 x 224
   + 12 x 96 px, LARS, self-labeling), per-GPU batch 128 with 32 GiB or more (64 with 16, else
   32), epochs from a budget of GPU_BUDGET_H hours at an ASSUMED (not yet measured here)
@@ -41,12 +42,25 @@ import numpy as np
 from twist.config import TwistConfig
 from twist.presets import get_preset
 
-__all__ = ["DataSummary", "DeviceInfo", "summarize_data", "device_info", "choose_preset", "fit_batch"]
+__all__ = ["DataSummary", "DeviceInfo", "summarize_data", "device_info", "choose_preset", "fit_batch",
+           "auto_preset", "measure_images_per_s", "budget_epochs"]
 
 SAMPLE_FILES = 16
 """Headers read (a seeded sample) to tell a folder's image size and channels."""
 SMALL_SIDE = 32
 """Images with a shorter side up to this are arrays for the array presets, larger are photos."""
+CPU_BUDGET_MIN = 20.0
+"""Minutes of training the CPU photo recipe aims at: its epochs come from the speed measured on
+this machine (:func:`measure_images_per_s`), so that loading, training and the evaluations of a
+first ``twist train photos/`` end within about half an hour whatever the CPU (one 2-core machine
+trains 6x faster than another: AVX512-BF16 or not)."""
+CPU_MAX_EPOCHS = 100
+"""At most this many epochs for the CPU photo recipe (small folders: a budget for ~100 epochs is
+spent on more epochs of the same images with little left to gain)."""
+STEP_EFFICIENCY = 0.85
+"""Training images per second over the model-only rate :func:`measure_images_per_s` measures: the
+batched augmentation, the loss and the bookkeeping (0.94-0.98 for the cifar10 preset in
+benchmarks/throughput.py; 0.85 leaves room for the periodic evaluations)."""
 GPU_BUDGET_H = 12.0
 GPU_IMAGES_PER_S = 400.0
 """ASSUMED ResNet-50 multi-crop (2 x 224 + 12 x 96) images per second per recent GPU in bf16;
@@ -193,16 +207,15 @@ def _array_recipe(data: DataSummary, gpu: bool) -> tuple[TwistConfig, str]:
 
 
 def _cpu_photo_recipe(data: DataSummary, device: DeviceInfo) -> tuple[TwistConfig, str]:
-    """The cifar10 recipe at 32 px (C = the number of class folders when there are some): the
-    CPU photo recipe measured so far. A ResNet-18 at 64 px collapsed to uniform predictions
-    within two epochs on flowers5 in every short run tried (docs/results.md, "The photo
-    default"), so it is not the default until it is tuned."""
-    cfg = get_preset("cifar10")
+    """The photo-cpu preset (C = the number of class folders when there are some): 64 px views
+    through a stride-2 stem (docs/results.md, "The photo default"); :func:`auto_preset` then fits
+    its epochs to the CPU budget."""
+    cfg = get_preset("photo-cpu")
     if data.classes >= 2:
         cfg.model.num_classes = data.classes
-    return cfg, (f"photos on a CPU: the cifar10 recipe (small convnet, 32 px views cut from the original photos "
-                 f"when streamed, C={cfg.model.num_classes} + {cfg.model.overcluster_classes} over-clustering, "
-                 f"{cfg.train.epochs} epochs on {device.threads} thread(s)); a larger photo recipe is not yet tuned")
+    return cfg, (f"photos on a CPU: the photo-cpu recipe (small convnet with a stride-2 stem, 64 px views cut from "
+                 f"the original photos when streamed, C={cfg.model.num_classes} + {cfg.model.overcluster_classes} "
+                 f"over-clustering, on {device.threads} thread(s))")
 
 
 def _gpu_photo_recipe(data: DataSummary, device: DeviceInfo) -> tuple[TwistConfig, str]:
@@ -223,3 +236,63 @@ def _gpu_photo_recipe(data: DataSummary, device: DeviceInfo) -> tuple[TwistConfi
     return cfg, (f"photos on a GPU: the release's ResNet-50 multi-crop recipe at 224 px, batch {cfg.train.batch_size} "
                  f"per GPU for {mem:.0f} GiB, C={cfg.model.num_classes}, {cfg.train.epochs} + {cfg.selflabel.epochs} "
                  f"epochs ~ {GPU_BUDGET_H:g} h at an assumed {GPU_IMAGES_PER_S:g} images/s per GPU")
+
+
+# ---------------------------------------------------------------------- budgeting
+def budget_epochs(count: int, images_per_s: float, minutes: float = CPU_BUDGET_MIN,
+                  max_epochs: int = CPU_MAX_EPOCHS) -> int:
+    """Epochs of ``count`` images that fit ``minutes`` at ``images_per_s`` x STEP_EFFICIENCY
+    (at least 1, at most ``max_epochs``)."""
+    fit = minutes * 60 * images_per_s * STEP_EFFICIENCY / max(count, 1)
+    return int(max(1, min(max_epochs, math.floor(fit))))
+
+
+def measure_images_per_s(cfg: TwistConfig, channels: int, steps: int = 2) -> float:
+    """Training images per second of ``cfg``'s model on this machine's CPU: forward (every head),
+    a stand-in loss, backward and an SGD step on random views of the recipe's sizes, in the run's
+    precision and memory format; the best of ``steps`` timed steps after one warm-up step. It
+    times the model alone (a few seconds); :data:`STEP_EFFICIENCY` accounts for the rest."""
+    import time
+
+    import torch
+
+    from twist.model import build_model
+    from twist.runtime import autocast_context, resolve_precision
+
+    cpu = torch.device("cpu")
+    precision = resolve_precision(cfg.train.precision, cpu)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = build_model(cfg.model, in_channels=channels).to(memory_format=layout)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    a, b = cfg.augment, cfg.train.batch_size
+    sizes = [a.global_size] * 2 + [a.local_size] * a.num_local
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.rand(b, channels, s, s, generator=gen).contiguous(memory_format=layout) for s in sizes]
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with autocast_context(cpu, precision):
+            heads = model(views, all_heads=True)
+        loss = sum(z.float().logsumexp(1).mean() for head in heads for z in head)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return b / min(times[1:])
+
+
+def auto_preset(spec: str, device_name: str = "auto", budget: bool = True) -> tuple[TwistConfig, list[str]]:
+    """What ``twist train SPEC`` runs without --preset: :func:`choose_preset` on a look at the data
+    and the device; for the CPU photo recipe (``budget``: unless the caller fixes the epochs) the
+    epochs then come from the speed measured here, to train for about CPU_BUDGET_MIN minutes."""
+    data = summarize_data(spec)
+    cfg, reasons = choose_preset(data, device_info(device_name))
+    if budget and cfg.preset == "photo-cpu" and data.count:
+        rate = measure_images_per_s(cfg, data.channels)
+        cfg.train.epochs = budget_epochs(data.count, rate)
+        cfg.optim.warmup_epochs = min(cfg.optim.warmup_epochs, max(1, cfg.train.epochs // 10))
+        minutes = cfg.train.epochs * data.count / (rate * STEP_EFFICIENCY) / 60
+        reasons.append(f"{cfg.train.epochs} epochs: the model trains {rate:.0f} images/s here (measured just now), "
+                       f"so about {minutes:.0f} min of training (budget {CPU_BUDGET_MIN:g} min, at most "
+                       f"{CPU_MAX_EPOCHS} epochs; --epochs N to choose)")
+    return cfg.validate(), reasons

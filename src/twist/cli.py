@@ -102,7 +102,8 @@ def _add_train_command(sub) -> None:
                                                "(default: runs/<preset>). Re-running with the same folder resumes.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="starting configuration (default: chosen from the data and the device and printed: the "
-                        "array presets for images up to 32 px and for photos on a CPU, photo-gpu for photos on a GPU; twist.autopreset)")
+                        "array presets for images up to 32 px, photo-cpu for photos on a CPU (epochs fitted to about 20 minutes at the "
+                        "speed measured there), photo-gpu for photos on a GPU; twist.autopreset)")
     p.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.3 --set augment.num_local=4 (repeatable)")
@@ -268,13 +269,16 @@ def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
 
 def auto_config(args: argparse.Namespace) -> TwistConfig:
     """No --preset: the recipe twist.autopreset chooses from a cheap look at the data and the
-    device (``train.device`` from --set, else auto), its reasons logged (and kept for --dry-run)."""
+    device (``train.device`` from --set, else auto), its reasons logged (and kept for --dry-run).
+    The CPU photo recipe's epochs come from a speed measured here unless --epochs (or
+    ``--set train.epochs=``) fixes them."""
     import logging
 
-    from twist.autopreset import choose_preset, device_info, summarize_data
+    from twist.autopreset import auto_preset
 
     device = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("train.device=")), "auto")
-    cfg, reasons = choose_preset(summarize_data(args.data), device_info(device))
+    fixed_epochs = args.epochs is not None or any(o.startswith("train.epochs=") for o in args.overrides)
+    cfg, reasons = auto_preset(args.data, device, budget=not fixed_epochs)
     for line in reasons:
         logging.getLogger("twist.autopreset").info("%s", line)
     return cfg

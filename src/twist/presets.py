@@ -80,6 +80,20 @@ def _cifar10_gpu() -> TwistConfig:
     return c
 
 
+def _photo_cpu() -> TwistConfig:
+    """Photos on a CPU (what ``twist train photos/`` runs there): the cifar10 recipe looking at
+    64 px views through a stride-2 stem, at about the cost of 32 px; ``twist train`` without
+    --preset sets its epochs from the speed measured on the machine (twist.autopreset;
+    docs/results.md, "The photo default")."""
+    c = _cifar10()
+    c.preset = "photo-cpu"
+    c.model.small_cnn_stride = 2
+    c.augment.global_size = 64
+    c.augment.local_size = 32
+    c.train.image_size = 73  # round(64 / 0.875): folders held in memory keep what evaluation's resize keeps
+    return c
+
+
 def _release_rn50_multicrop() -> TwistConfig:
     """The release's ResNet-50 multi-crop recipe, 800 epochs of TWIST then 50 of self-labeling at
     global batch 2048 (METHOD.md; docs/results.md, preset notes)."""
@@ -169,6 +183,7 @@ PRESETS: dict[str, Callable[[], TwistConfig]] = {
     "mnist": _mnist,
     "cifar10": _cifar10,
     "cifar10-gpu": _cifar10_gpu,
+    "photo-cpu": _photo_cpu,
     "rn50-multicrop": _release_rn50_multicrop,
     "rn50-twoview": _release_rn50_twoview,
     "rn50w2": _release_rn50w2,
