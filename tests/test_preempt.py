@@ -15,10 +15,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import child_env, train_command
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,19 +47,13 @@ def tiny_npz(tmp_path_factory, write_random_npz) -> str:
 
 
 def command(data: str, out: Path, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "twist", "train", data, "--out", str(out)]
-    for item in TINY + list(extra):
-        cmd += ["--set", item]
-    return cmd
+    return train_command(data, out, TINY + list(extra))
 
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def signal_when_logged(cmd: list[str], marker: str, sig: int) -> tuple[int, str]:
     """Run cmd, send ``sig`` as soon as a stderr line contains ``marker``; (exit status, stderr)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
     lines = []
     try:
         for line in proc.stderr:
@@ -95,7 +89,7 @@ def test_stop_signal_mid_epoch_checkpoints_exits_143_and_resumes_exactly(stage, 
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "stopped"
     # the uninterrupted reference runs alongside (two cores); its stderr is a pipe, not a terminal
     ref = subprocess.Popen(command(tiny_npz, ref_dir, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, env=env())
+                           text=True, env=child_env())
     try:
         rc, err = signal_when_logged(command(tiny_npz, run_dir, *extra), marker, sig)
     finally:
@@ -108,7 +102,7 @@ def test_stop_signal_mid_epoch_checkpoints_exits_143_and_resumes_exactly(stage, 
     assert ckpt.get("stage", "twist") == stage and 0 < position["step_in_epoch"] < STEPS_PER_EPOCH, position  # mid-epoch
     assert read_status(run_dir)["state"] == "preempted" and not (run_dir / LOCK_NAME).exists()
 
-    done = subprocess.run(command(tiny_npz, run_dir, *extra), capture_output=True, text=True, env=env(), timeout=240)
+    done = subprocess.run(command(tiny_npz, run_dir, *extra), capture_output=True, text=True, env=child_env(), timeout=240)
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr
     assert_same_run(ref_dir, run_dir)
@@ -169,7 +163,7 @@ def test_a_second_process_on_a_locked_folder_fails_and_changes_nothing(tiny_npz,
     lock.acquire()  # this test process holds the folder, as a running `twist train` would
     try:
         before = snapshot(out)
-        second = subprocess.run(command(tiny_npz, out, "train.epochs=2"), capture_output=True, text=True, env=env(),
+        second = subprocess.run(command(tiny_npz, out, "train.epochs=2"), capture_output=True, text=True, env=child_env(),
                                 timeout=240)
         after = snapshot(out)
     finally:

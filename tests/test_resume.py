@@ -9,14 +9,13 @@ The kill test runs ``twist train`` in subprocesses on a tiny npz dataset (8x8 gr
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import child_env, train_command
 import torch
 
 from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -42,14 +41,8 @@ def tiny_npz(tmp_path_factory, write_random_npz) -> str:
 
 
 def command(data: str, out: Path, precision: str = "fp32") -> list[str]:
-    cmd = [sys.executable, "-m", "twist", "train", data, "--out", str(out), "--epochs", str(EPOCHS), "--no-progress"]
-    for item in TINY + [f"train.precision={precision}"]:
-        cmd += ["--set", item]
-    return cmd
+    return train_command(data, out, TINY + [f"train.precision={precision}"], "--epochs", str(EPOCHS), "--no-progress")
 
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def run_checkpoint_step(out: Path) -> int | None:
@@ -62,7 +55,7 @@ def run_checkpoint_step(out: Path) -> int | None:
 def start_and_kill(cmd: list[str], out: Path, after_step: int) -> int:
     """Start cmd, SIGKILL it as soon as its checkpoint is past ``after_step`` while it still runs;
     return the step of the checkpoint left behind."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -106,13 +99,13 @@ def assert_same_run(ref_dir: Path, run_dir: Path, epochs: int = EPOCHS, heads_dr
 def test_sigkill_mid_run_then_same_command_resumes_bit_identical(tiny_npz, tmp_path):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
     # the uninterrupted reference runs alongside the first attempt (two cores)
-    ref = subprocess.Popen(command(tiny_npz, ref_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    ref = subprocess.Popen(command(tiny_npz, ref_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
     try:
         start_and_kill(command(tiny_npz, run_dir), run_dir, after_step=0)
     finally:
         _, ref_err = ref.communicate(timeout=240)
     assert ref.returncode == 0, ref_err.decode()
-    done = subprocess.run(command(tiny_npz, run_dir), capture_output=True, text=True, env=env(), timeout=240)
+    done = subprocess.run(command(tiny_npz, run_dir), capture_output=True, text=True, env=child_env(), timeout=240)
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr and "Traceback" not in done.stderr
     assert_same_run(ref_dir, run_dir)

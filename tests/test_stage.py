@@ -18,12 +18,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import child_env, train_command
 import torch
 
 import twist.selflabel
@@ -116,14 +116,9 @@ def test_a_full_disk_while_selflabeling_gives_one_line_and_keeps_the_checkpoint(
 
 # ---------------------------------------------------------------------- kill -9 and resume
 def command(data: str, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "twist", "train", data, "--out", str(out), "--preset", "digits", "--no-progress"]
-    for item in TINY + ["selflabel.epochs=3", "train.checkpoint_every_steps=1"]:
-        cmd += ["--set", item]
-    return cmd
+    return train_command(data, out, TINY + ["selflabel.epochs=3", "train.checkpoint_every_steps=1"],
+                         "--preset", "digits", "--no-progress")
 
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def selflabel_step(out: Path) -> int | None:
@@ -137,8 +132,8 @@ def selflabel_step(out: Path) -> int | None:
 
 def test_selflabel_killed_mid_stage_resumes_to_the_uninterrupted_run(tiny_npz, tmp_path):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
-    ref = subprocess.Popen(command(tiny_npz, ref_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
-    proc = subprocess.Popen(command(tiny_npz, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    ref = subprocess.Popen(command(tiny_npz, ref_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+    proc = subprocess.Popen(command(tiny_npz, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -160,7 +155,7 @@ def test_selflabel_killed_mid_stage_resumes_to_the_uninterrupted_run(tiny_npz, t
     killed_at = selflabel_step(run_dir)
     assert killed_at is not None and 1 <= killed_at < 3 * STEPS_PER_EPOCH  # inside the stage
 
-    done = subprocess.run(command(tiny_npz, run_dir), capture_output=True, text=True, env=env(), timeout=240)
+    done = subprocess.run(command(tiny_npz, run_dir), capture_output=True, text=True, env=child_env(), timeout=240)
     assert done.returncode == 0, done.stderr
     assert "resuming self-labeling" in done.stderr and "Traceback" not in done.stderr
     ref_lines = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
