@@ -30,7 +30,7 @@ GPU = DeviceInfo("cuda", gpus=1, gpu_memory_gb=80.0, bf16=True, threads=16)
 def test_cpu_photos_get_the_photo_cpu_recipe_with_c_from_the_class_folders():
     cfg, reasons = choose_preset(DataSummary("folder", 10_000, 3, 375, 5), CPU)
     assert cfg.preset == "photo-cpu" and cfg.model.backbone == "small_cnn" and cfg.model.num_classes == 5
-    assert cfg.model.small_cnn_stride == 2 and cfg.augment.global_size == 64 and cfg.train.batch_size == 256
+    assert cfg.model.small_cnn_stride == 2 and cfg.augment.global_size == 64 and cfg.train.batch_size == 128
     assert len(reasons) == 2 and "'photo-cpu'" in reasons[0] and "photos on a CPU" in reasons[1]
     grey, _ = choose_preset(DataSummary("folder", 10_000, 1, 300, 0), CPU)
     assert grey.preset == "photo-cpu" and grey.model.num_classes == 10  # no class folders: the preset's C
@@ -88,8 +88,9 @@ def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path,
     monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
     monkeypatch.setattr(autopreset, "measure_images_per_s", lambda cfg, channels, steps=2: 2.0)
     cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
-    assert cfg.preset == "photo-cpu" and cfg.train.epochs == autopreset.budget_epochs(100, 2.0) == 20
-    assert "2 images/s" in reasons[-1] and "20 epochs" in reasons[-1]
+    expected = int(autopreset.CPU_BUDGET_MIN * 60 * 2.0 * autopreset.STEP_EFFICIENCY / 100)  # < CPU_MAX_EPOCHS
+    assert cfg.preset == "photo-cpu" and cfg.train.epochs == autopreset.budget_epochs(100, 2.0) == expected
+    assert "2 images/s" in reasons[-1] and f"{expected} epochs" in reasons[-1]
     monkeypatch.setattr(autopreset, "measure_images_per_s", lambda *a, **k: pytest.fail("measured with fixed epochs"))
     fixed, reasons = autopreset.auto_preset(str(tmp_path / "photos"), budget=False)
     assert fixed.train.epochs == get_preset("photo-cpu").train.epochs and len(reasons) == 2
@@ -131,7 +132,7 @@ def test_auto_preset_trains_on_100_photos_and_the_gallery_shows_the_originals(ph
     rc = main(["train", str(data), "--out", str(out), "--epochs", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "auto preset 'photo-cpu'" in err and "batch 256 -> 32 per process" in err
+    assert "auto preset 'photo-cpu'" in err and "batch 128 -> 32 per process" in err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["preset"] == "photo-cpu" and cfg["train"]["batch_size"] <= 100
     assert (out / "metrics.jsonl").read_text().strip()
