@@ -151,14 +151,15 @@ def split_paths(dataset: str) -> tuple[str, str]:
     return str(dataset), str(dataset)
 
 
-def preset_config(name: str, train_spec: str, budget: bool = True):
-    """``--preset auto``: what ``twist train`` chooses without --preset (twist.autopreset; with
-    ``budget`` the CPU photo recipe's epochs come from the speed measured here)."""
+def preset_config(name: str, train_spec: str, overrides: list[str]):
+    """``--preset auto``: what ``twist train --set OVERRIDES`` chooses without --preset
+    (twist.autopreset: the CPU photo recipe's epochs from the speed measured here, unless
+    ``train.epochs`` is among the overrides)."""
     if name != "auto":
         return get_preset(name)
     from twist.autopreset import auto_preset
 
-    cfg, reasons = auto_preset(train_spec, budget=budget)
+    cfg, reasons = auto_preset(train_spec, overrides)
     for line in reasons:
         log(line)
     return cfg
@@ -166,8 +167,8 @@ def preset_config(name: str, train_spec: str, budget: bool = True):
 
 def run(args: argparse.Namespace) -> int:
     train_spec, test_spec = split_paths(args.dataset)
-    fixed_epochs = args.epochs is not None or any(o.startswith("train.epochs=") for o in args.overrides)
-    cfg = preset_config(args.preset, train_spec, budget=not fixed_epochs)
+    epochs = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
+    cfg = preset_config(args.preset, train_spec, [*args.overrides, *epochs])
     apply_overrides(cfg, args.overrides)
     if args.epochs is not None:
         cfg.train.epochs = args.epochs

@@ -86,13 +86,16 @@ def test_measured_rate_is_a_positive_images_per_second():
 def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path, monkeypatch):
     make_photos(tmp_path / "photos")
     monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
-    monkeypatch.setattr(autopreset, "measure_images_per_s", lambda cfg, channels, steps=2: 2.0)
-    cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
+    measured = []  # the configurations timed: the recipe with the caller's overrides
+    monkeypatch.setattr(autopreset, "measure_images_per_s",
+                        lambda cfg, channels, steps=2: measured.append(cfg.model.small_cnn_width) or 2.0)
+    cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"), ["model.small_cnn_width=48"])
+    assert measured == [48] and cfg.model.small_cnn_width == get_preset("photo-cpu").model.small_cnn_width
     expected = int(autopreset.CPU_BUDGET_MIN * 60 * 2.0 * autopreset.STEP_EFFICIENCY / 100)  # < CPU_MAX_EPOCHS
     assert cfg.preset == "photo-cpu" and cfg.train.epochs == autopreset.budget_epochs(100, 2.0) == expected
     assert "2 images/s" in reasons[-1] and f"{expected} epochs" in reasons[-1]
     monkeypatch.setattr(autopreset, "measure_images_per_s", lambda *a, **k: pytest.fail("measured with fixed epochs"))
-    fixed, reasons = autopreset.auto_preset(str(tmp_path / "photos"), budget=False)
+    fixed, reasons = autopreset.auto_preset(str(tmp_path / "photos"), ["train.epochs=3"])
     assert fixed.train.epochs == get_preset("photo-cpu").train.epochs and len(reasons) == 2
 
 

@@ -17,7 +17,7 @@ The rules (docs/results.md, "The photo default", holds the measurements behind t
   stride-2 stem (the cost of 32 px; views cut at decode time from the original photos when the
   folder is streamed), with C = the number of class folders when there are some. Its epochs are
   then fitted by :func:`auto_preset` to CPU_BUDGET_MIN minutes at the training speed measured on
-  this machine (a few seconds of timed steps): CPUs differ up to 6x (AVX512-BF16 or not), so a
+  this machine (a few seconds of timed steps): CPUs differ about 9x (AVX512-BF16 or not), so a
   fixed number of epochs would either run for an hour or leave most of the budget unused;
 * photos on a GPU (``photo-gpu``): the release's ResNet-50 multi-crop recipe at 224 px (2 x 224
   + 12 x 96 px, LARS, self-labeling), per-GPU batch 128 with 32 GiB or more (64 with 16, else
@@ -32,14 +32,16 @@ largest power of two <= N / (2 x processes)), at least 2, so a folder of 100 pho
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from twist.config import TwistConfig
+from twist.config import TwistConfig, apply_overrides
 from twist.presets import get_preset
 
 __all__ = ["DataSummary", "DeviceInfo", "summarize_data", "device_info", "choose_preset", "fit_batch",
@@ -234,7 +236,7 @@ def _gpu_photo_recipe(data: DataSummary, device: DeviceInfo) -> tuple[TwistConfi
     cfg.train.epochs = int(min(800, max(20, round(budget / n))))
     cfg.selflabel.epochs = max(1, round(cfg.train.epochs * 50 / 800))
     cfg.selflabel.warmup_epochs = min(cfg.selflabel.warmup_epochs, max(1, cfg.selflabel.epochs // 10))
-    cfg.optim.warmup_epochs = min(cfg.optim.warmup_epochs, max(1, cfg.train.epochs // 10))
+    _fit_warmup(cfg)
     return cfg, (f"photos on a GPU: the release's ResNet-50 multi-crop recipe at 224 px, batch {cfg.train.batch_size} "
                  f"per GPU for {mem:.0f} GiB, C={cfg.model.num_classes}, {cfg.train.epochs} + {cfg.selflabel.epochs} "
                  f"epochs ~ {GPU_BUDGET_H:g} h at an assumed {GPU_IMAGES_PER_S:g} images/s per GPU")
@@ -283,18 +285,28 @@ def measure_images_per_s(cfg: TwistConfig, channels: int, steps: int = 2) -> flo
     return b / min(times[1:])
 
 
-def auto_preset(spec: str, device_name: str = "auto", budget: bool = True) -> tuple[TwistConfig, list[str]]:
-    """What ``twist train SPEC`` runs without --preset: :func:`choose_preset` on a look at the data
-    and the device; for the CPU photo recipe (``budget``: unless the caller fixes the epochs) the
-    epochs then come from the speed measured here, to train for about CPU_BUDGET_MIN minutes."""
+def auto_preset(spec: str, overrides: Sequence[str] = ()) -> tuple[TwistConfig, list[str]]:
+    """What ``twist train SPEC --set OVERRIDES`` runs without --preset: :func:`choose_preset` on a
+    look at the data and the device (``train.device`` from ``overrides``, else auto). For the CPU
+    photo recipe the epochs then come from the speed measured here, to train for about
+    CPU_BUDGET_MIN minutes; the speed is that of the recipe with ``overrides`` applied (a wider
+    network or another batch changes it), and a ``train.epochs`` among them fixes the epochs
+    instead (nothing is measured). The caller applies ``overrides`` to the returned config."""
     data = summarize_data(spec)
-    cfg, reasons = choose_preset(data, device_info(device_name))
-    if budget and cfg.preset == "photo-cpu" and data.count:
-        rate = measure_images_per_s(cfg, data.channels)
+    device = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.device=")), "auto")
+    cfg, reasons = choose_preset(data, device_info(device))
+    fixed_epochs = any(o.startswith("train.epochs=") for o in overrides)
+    if cfg.preset == "photo-cpu" and data.count and not fixed_epochs:
+        rate = measure_images_per_s(apply_overrides(copy.deepcopy(cfg), list(overrides)), data.channels)
         cfg.train.epochs = budget_epochs(data.count, rate)
-        cfg.optim.warmup_epochs = min(cfg.optim.warmup_epochs, max(1, cfg.train.epochs // 10))
+        _fit_warmup(cfg)
         minutes = cfg.train.epochs * data.count / (rate * STEP_EFFICIENCY) / 60
         reasons.append(f"{cfg.train.epochs} epochs: the model trains {rate:.0f} images/s here (measured just now), "
                        f"so about {minutes:.0f} min of training (budget {CPU_BUDGET_MIN:g} min, at most "
                        f"{CPU_MAX_EPOCHS} epochs; --epochs N to choose)")
     return cfg.validate(), reasons
+
+
+def _fit_warmup(cfg: TwistConfig) -> None:
+    """Shorten the learning-rate warm-up to a tenth of a budgeted run's epochs (at least 1)."""
+    cfg.optim.warmup_epochs = min(cfg.optim.warmup_epochs, max(1, cfg.train.epochs // 10))

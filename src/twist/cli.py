@@ -270,15 +270,14 @@ def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
 def auto_config(args: argparse.Namespace) -> TwistConfig:
     """No --preset: the recipe twist.autopreset chooses from a cheap look at the data and the
     device (``train.device`` from --set, else auto), its reasons logged (and kept for --dry-run).
-    The CPU photo recipe's epochs come from a speed measured here unless --epochs (or
-    ``--set train.epochs=``) fixes them."""
+    The CPU photo recipe's epochs come from the speed of the overridden recipe measured here
+    unless --epochs (or ``--set train.epochs=``) fixes them."""
     import logging
 
     from twist.autopreset import auto_preset
 
-    device = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("train.device=")), "auto")
-    fixed_epochs = args.epochs is not None or any(o.startswith("train.epochs=") for o in args.overrides)
-    cfg, reasons = auto_preset(args.data, device, budget=not fixed_epochs)
+    epochs = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
+    cfg, reasons = auto_preset(args.data, [*args.overrides, *epochs])
     for line in reasons:
         logging.getLogger("twist.autopreset").info("%s", line)
     return cfg
