@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from twist.config import ModelConfig
+from twist.config import ModelConfig, TwistConfig
 from twist.presets import get_preset
 from twist.head import TwistHead
 from twist.model import build_model
@@ -95,7 +95,7 @@ def test_small_cnn_stride_two_stem_sees_64_px_through_32_px_maps():
     assert stem.features(torch.randn(2, 3, 64, 64)).shape == plain.features(torch.randn(2, 3, 32, 32)).shape == (2, 16)
     assert seen == [(2, 4, 32, 32), (2, 4, 32, 32)]
     with pytest.raises(Exception, match="small_cnn_stride"):
-        get_preset("cifar10").__class__.from_dict({"model": {"small_cnn_stride": 3}}).validate()
+        TwistConfig.from_dict({"model": {"small_cnn_stride": 3}}).validate()
 
 
 def test_resnet50_backbone_loads_into_torchvision_without_fc():

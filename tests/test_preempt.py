@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import child_env, train_command
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,6 +30,8 @@ from twist.config import ConfigError, TwistConfig, apply_overrides, field_help, 
 from twist.preempt import StopSignals
 from twist.runlock import LOCK_NAME, RunLock
 from twist.session import read_status
+
+from cli_helpers import child_env, train_command
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
 
@@ -48,7 +49,6 @@ def tiny_npz(tmp_path_factory, write_random_npz) -> str:
 
 def command(data: str, out: Path, *extra: str) -> list[str]:
     return train_command(data, out, TINY + list(extra))
-
 
 
 def signal_when_logged(cmd: list[str], marker: str, sig: int) -> tuple[int, str]:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import child_env, train_command
 import torch
 
 from twist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -23,6 +22,8 @@ from twist.config import apply_overrides
 from twist.presets import get_preset
 from twist.stage import drop_unsaved_metrics
 from twist.train import train
+
+from cli_helpers import child_env, train_command
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
 
@@ -42,7 +43,6 @@ def tiny_npz(tmp_path_factory, write_random_npz) -> str:
 
 def command(data: str, out: Path, precision: str = "fp32") -> list[str]:
     return train_command(data, out, TINY + [f"train.precision={precision}"], "--epochs", str(EPOCHS), "--no-progress")
-
 
 
 def run_checkpoint_step(out: Path) -> int | None:

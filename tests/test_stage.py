@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import child_env, train_command
 import torch
 
 import twist.selflabel
@@ -33,6 +32,8 @@ from twist.cli import main
 from twist.config import apply_overrides
 from twist.presets import get_preset
 from twist.train import train
+
+from cli_helpers import child_env, train_command
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
 
@@ -118,7 +119,6 @@ def test_a_full_disk_while_selflabeling_gives_one_line_and_keeps_the_checkpoint(
 def command(data: str, out: Path) -> list[str]:
     return train_command(data, out, TINY + ["selflabel.epochs=3", "train.checkpoint_every_steps=1"],
                          "--preset", "digits", "--no-progress")
-
 
 
 def selflabel_step(out: Path) -> int | None:

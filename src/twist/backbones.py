@@ -57,7 +57,8 @@ def resnet50w2() -> ResNet:
 
 
 class SmallCNN(nn.Module):
-    """A small VGG-style convnet for tiny images (8-32 px): digits, MNIST.
+    """A small VGG-style convnet for tiny images (8-32 px: digits, MNIST, CIFAR-10), and for 64 px
+    photo views with the stride-2 stem (photo-cpu).
 
     Three stages of 3x3 conv-BN-ReLU (widths w, 2w, 4w), max-pooling between them, then
     global average pooling: 4w-dimensional features. ``stride=2`` makes the first convolution a
