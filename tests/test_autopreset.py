@@ -83,6 +83,17 @@ def test_measured_rate_is_a_positive_images_per_second():
     assert 0 < rate < float("inf")
 
 
+def test_spaced_evaluations_never_score_two_epochs_in_a_row():
+    for epochs in range(1, 120):
+        every = autopreset.spaced_evaluations(epochs, 5)
+        scored = sorted({e for e in range(1, epochs + 1) if e % every == 0} | {epochs})
+        gaps = [b - a for a, b in zip([0, *scored], scored)]
+        assert min(gaps) * 2 >= min(every, epochs), (epochs, every, scored)
+        assert abs(every - 5) <= 3 or epochs < 5, (epochs, every)
+    assert autopreset.spaced_evaluations(16, 5) == 4  # 4, 8, 12, 16 rather than 5, 10, 15, 16
+    assert autopreset.spaced_evaluations(20, 5) == 5 and autopreset.spaced_evaluations(16, 0) == 0
+
+
 def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path, monkeypatch):
     make_photos(tmp_path / "photos")
     monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
@@ -94,6 +105,7 @@ def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path,
     expected = int(autopreset.CPU_BUDGET_MIN * 60 * 2.0 * autopreset.STEP_EFFICIENCY / 100)  # < CPU_MAX_EPOCHS
     assert cfg.preset == "photo-cpu" and cfg.train.epochs == autopreset.budget_epochs(100, 2.0) == expected
     assert "2 images/s" in reasons[-1] and f"{expected} epochs" in reasons[-1]
+    assert cfg.train.eval_every == autopreset.spaced_evaluations(expected, get_preset("photo-cpu").train.eval_every)
     monkeypatch.setattr(autopreset, "measure_images_per_s", lambda *a, **k: pytest.fail("measured with fixed epochs"))
     fixed, reasons = autopreset.auto_preset(str(tmp_path / "photos"), ["train.epochs=3"])
     assert fixed.train.epochs == get_preset("photo-cpu").train.epochs and len(reasons) == 2
