@@ -149,6 +149,7 @@ def test_safetensors_backbone_and_head(tmp_path):
 
     with safe_open(str(tmp_path / "head.safetensors"), "pt") as f:
         hmeta = {k: json.loads(v) for k, v in f.metadata().items() if k not in ("format", "twist_format")}
+    assert hmeta["layers"] == 3
     head = TwistHead(hmeta["feature_dim"], hmeta["hidden_dim"], hmeta["num_classes"], hmeta["activation"], hmeta["nbs"])
     head.load_state_dict(load_file(str(tmp_path / "head.safetensors")), strict=True)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from twist.config import ModelConfig, TwistConfig
+from twist.config import ConfigError, ModelConfig, TwistConfig
 from twist.presets import get_preset
 from twist.head import TwistHead
 from twist.model import build_model
@@ -21,6 +21,22 @@ def test_head_layout_matches_release_names():
     buffers = dict(head.named_buffers())
     assert "norm.running_mean" in buffers and "norm.running_var" in buffers
     assert all(isinstance(m, nn.Linear) for m in (head.projection_head[0], head.projection_head[4], head.last_linear))
+
+
+def test_two_layer_head_drops_only_the_hidden_layer():
+    three, two = TwistHead(32, hidden_dim=64, num_classes=10), TwistHead(32, hidden_dim=64, num_classes=10, layers=2)
+    names3, names2 = set(dict(three.named_parameters())), set(dict(two.named_parameters()))
+    assert names2 == names3 - {"projection_head.4.weight", "projection_head.4.bias",
+                               "projection_head.5.weight", "projection_head.5.bias"}
+    assert sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in two.parameters()) == 64 * 64 + 64 + 2 * 64
+    assert two(torch.randn(8, 32)).shape == (8, 10)
+    cfg = get_preset("digits")
+    cfg.model.head_layers = 2
+    model = build_model(cfg.model, in_channels=1)
+    assert len(model.heads) == 5 and all(len(h.projection_head) == 3 for h in model.heads)
+    cfg.model.head_layers = 4
+    with pytest.raises(ConfigError, match="model.head_layers"):
+        cfg.validate()
 
 
 def test_nbs_standardises_each_logit_over_the_batch():

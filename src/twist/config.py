@@ -35,6 +35,11 @@ class ModelConfig:
     """C, the number of 'classes' of the softmax (clusters)."""
     hidden_dim: int = 4096
     """Width H of the projection head (4096 in the paper)."""
+    head_layers: int = 3
+    """Linear layers of each head: 3 (the paper: D -> H -> H -> C) or 2 (D -> H -> C, no H x H
+    layer). On a small backbone the H x H product of five candidate heads costs more than the
+    backbone itself (mnist: five 2048-wide heads were 62% of a step), and two layers keep the
+    width H for about a sixteenth of that (D = 128)."""
     activation: str = "relu"
     """Head activation: relu (ResNet recipes) or gelu (ViT recipes)."""
     nbs: bool = True
@@ -265,6 +270,7 @@ class TwistConfig:
         _check(m.backbone in BACKBONES, "model.backbone", m.backbone, f"one of {', '.join(BACKBONES)}")
         _check(m.num_classes >= 2, "model.num_classes", m.num_classes, "at least 2")
         _check(m.hidden_dim >= 1, "model.hidden_dim", m.hidden_dim, "positive")
+        _check(m.head_layers in (2, 3), "model.head_layers", m.head_layers, "2 or 3")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
         _check(m.bunch_size >= 2, "model.bunch_size", m.bunch_size, "at least 2")
         _check(m.num_heads >= 1, "model.num_heads", m.num_heads, "at least 1")

@@ -49,8 +49,8 @@ Name mapping torchvision -> detectron2 (i = 1..4 is torchvision's stage, detectr
     layer{i}.{b}.downsample.1.*     res{i+1}.{b}.shortcut.norm.*
 
 ``--head-out FILE`` also writes the projection head + NBS (names ``projection_head.{0,1,4,5}``,
-``last_linear``, ``norm``; they load with ``strict=True`` into
-``twist.head.TwistHead(feature_dim, hidden_dim, num_classes, activation, nbs)``): a
+or ``{0,1}`` for two-layer heads, ``last_linear``, ``norm``; they load with ``strict=True`` into
+``twist.head.TwistHead(feature_dim, hidden_dim, num_classes, activation, nbs, layers=layers)``): a
 ``.safetensors`` file (with those numbers as metadata) when FILE ends in ``.safetensors``,
 otherwise a torch file ``{"state_dict": ..., "meta": {...}}``.
 """
@@ -226,7 +226,7 @@ def export_head(trained, path: Path) -> Path:
     m = trained.config.model
     state = trained.model.head.state_dict()
     meta = {"feature_dim": int(trained.model.feature_dim), "hidden_dim": m.hidden_dim, "num_classes": m.num_classes,
-            "activation": m.activation, "nbs": m.nbs}
+            "activation": m.activation, "nbs": m.nbs, "layers": m.head_layers}
     if path.suffix == ".safetensors":
         return save_safetensors(state, path, {"format": "pt", "twist_format": "twist-head/1",
                                               **{k: json.dumps(v) for k, v in meta.items()}})

@@ -188,7 +188,7 @@ def build_model(cfg: ModelConfig, in_channels: int = 3) -> TwistModel:
 
     def head(num_classes: int) -> TwistHead:
         return TwistHead(backbone.feature_dim, cfg.hidden_dim, num_classes, cfg.activation, cfg.nbs,
-                         vit_init=cfg.backbone.startswith("vit_"))
+                         vit_init=cfg.backbone.startswith("vit_"), layers=cfg.head_layers)
 
     heads = [head(cfg.num_classes) for _ in range(cfg.num_heads)]
     aux = [head(cfg.overcluster_classes)] if cfg.overcluster_classes else None
