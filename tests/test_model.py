@@ -30,6 +30,17 @@ def test_two_layer_head_drops_only_the_hidden_layer():
                                "projection_head.5.weight", "projection_head.5.bias"}
     assert sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in two.parameters()) == 64 * 64 + 64 + 2 * 64
     assert two(torch.randn(8, 32)).shape == (8, 10)
+    # the layers are initialised in order: a seed gives both heads the same first layer, and the
+    # three-layer head the draws it had before two-layer heads existed (first layer, then H x H)
+    torch.manual_seed(5)
+    three = TwistHead(32, hidden_dim=64, num_classes=10)
+    torch.manual_seed(5)
+    two = TwistHead(32, hidden_dim=64, num_classes=10, layers=2)
+    torch.manual_seed(5)
+    first, hidden = nn.Linear(32, 64), nn.Linear(64, 64)
+    assert torch.equal(three.projection_head[0].weight, first.weight)
+    assert torch.equal(two.projection_head[0].weight, first.weight)
+    assert torch.equal(three.projection_head[4].weight, hidden.weight)
     cfg = get_preset("digits")
     cfg.model.head_layers = 2
     model = build_model(cfg.model, in_channels=1)

@@ -51,13 +51,11 @@ class TwistHead(nn.Module):
         if layers not in (2, 3):
             raise ValueError(f"layers must be 2 or 3, got {layers}")
         act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
-        hidden = [nn.Identity(), nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), act()]
-        self.projection_head = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            act(),
-            *(hidden if layers == 3 else []),
-        )
+        # built in module order, so a seed gives the three-layer head the initialisation it always had
+        modules = [nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), act()]
+        if layers == 3:
+            modules += [nn.Identity(), nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), act()]
+        self.projection_head = nn.Sequential(*modules)
         self.last_linear = nn.Linear(hidden_dim, num_classes)
         self.norm = nn.BatchNorm1d(num_classes, affine=False) if nbs else nn.Identity()
         self.num_classes = num_classes
