@@ -109,6 +109,9 @@ def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path,
     monkeypatch.setattr(autopreset, "measure_images_per_s", lambda *a, **k: pytest.fail("measured with fixed epochs"))
     fixed, reasons = autopreset.auto_preset(str(tmp_path / "photos"), ["train.epochs=3"])
     assert fixed.train.epochs == get_preset("photo-cpu").train.epochs and len(reasons) == 2
+    # read as apply_overrides reads them: spaces around the key and its value do not hide it
+    spaced, _ = autopreset.auto_preset(str(tmp_path / "photos"), [" train.epochs = 3"])
+    assert spaced.train.epochs == fixed.train.epochs
 
 
 def make_photos(root, n_per_class: int = 50, seed: int = 0) -> None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from twist.config import ConfigError, TwistConfig, apply_overrides, valid_keys
+from twist.config import ConfigError, TwistConfig, apply_overrides, override_value, valid_keys
 from twist.presets import PRESETS, get_preset
 
 
@@ -14,6 +14,14 @@ def test_every_preset_validates_and_round_trips(name):
     cfg = get_preset(name).validate()
     again = TwistConfig.from_dict(json.loads(cfg.to_json()))
     assert again == cfg
+
+
+def test_override_value_reads_the_overrides_as_they_are_applied():
+    items = ["train.device=cpu", " train.epochs = 3", "train.epochs=5"]
+    assert override_value(items, "train.epochs") == "5" == str(apply_overrides(TwistConfig(), items).train.epochs)
+    assert override_value(items, "train.device") == "cpu" and override_value(items, "optim.lr") is None
+    with pytest.raises(ConfigError, match="key=value"):
+        override_value(["train.epochs"], "train.epochs")
 
 
 def test_overrides_are_typed():

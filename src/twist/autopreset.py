@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twist.config import TwistConfig, apply_overrides
+from twist.config import TwistConfig, apply_overrides, override_value
 from twist.presets import get_preset
 
 __all__ = ["DataSummary", "DeviceInfo", "summarize_data", "device_info", "choose_preset", "fit_batch",
@@ -293,9 +293,9 @@ def auto_preset(spec: str, overrides: Sequence[str] = ()) -> tuple[TwistConfig, 
     network or another batch changes it), and a ``train.epochs`` among them fixes the epochs
     instead (nothing is measured). The caller applies ``overrides`` to the returned config."""
     data = summarize_data(spec)
-    device = next((o.split("=", 1)[1] for o in overrides if o.startswith("train.device=")), "auto")
+    device = override_value(overrides, "train.device") or "auto"
     cfg, reasons = choose_preset(data, device_info(device))
-    fixed_epochs = any(o.startswith("train.epochs=") for o in overrides)
+    fixed_epochs = override_value(overrides, "train.epochs") is not None
     if cfg.preset == "photo-cpu" and data.count and not fixed_epochs:
         rate = measure_images_per_s(apply_overrides(copy.deepcopy(cfg), list(overrides)), data.channels)
         cfg.train.epochs = budget_epochs(data.count, rate)

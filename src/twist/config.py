@@ -18,6 +18,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -487,11 +488,23 @@ def set_field(cfg: TwistConfig, key: str, value: Any) -> None:
     setattr(obj, name, _coerce(value, _field_type(obj, name), key))
 
 
+def parse_override(item: str) -> tuple[str, str]:
+    """One ``key=value`` string (``--set``) as (key, value), spaces around either stripped."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def override_value(items: Sequence[str], key: str) -> str | None:
+    """The value ``items`` (``--set`` strings) give ``key`` once applied in order (the last one
+    wins), or None when none sets it; read the way :func:`apply_overrides` reads them."""
+    values = [v for k, v in map(parse_override, items) if k == key]
+    return values[-1] if values else None
+
+
 def apply_overrides(cfg: TwistConfig, items: list[str]) -> TwistConfig:
     """Apply ``key=value`` strings (``--set``) to cfg in order."""
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got '{item}'")
-        key, value = item.split("=", 1)
-        set_field(cfg, key.strip(), value.strip())
+        set_field(cfg, *parse_override(item))
     return cfg
