@@ -389,11 +389,11 @@ def preset_hint(cfg: TwistConfig, channels: int) -> str | None:
     """A note for a recipe that does not suit the data, or None. `twist train PATH` without
     --preset uses the cifar10 preset (colour photos): on grayscale glyphs its horizontal flips
     change what a character is and it has no rotation or shear, so the head splits by slant
-    (MNIST test ACC 0.857 with it against 0.993 with the mnist preset, docs/results.md)."""
+    (MNIST test ACC 0.857 with it against 0.98-0.99 with the mnist preset, docs/results.md)."""
     if channels == 1 and cfg.preset in ("cifar10", "cifar10-gpu") and cfg.augment.flip_p > 0:
         return (f"the images are grayscale and the {cfg.preset} preset is a recipe for colour photos "
                 f"(horizontal flips, no rotation); for digits, letters or other glyphs --preset mnist "
-                f"(or digits for 8-16 px images) does much better: MNIST test ACC 0.993 against 0.857")
+                f"(or digits for 8-16 px images) does much better: MNIST test ACC 0.98 against 0.857")
     return None
 
 
