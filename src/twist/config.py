@@ -17,8 +17,8 @@ import inspect
 import json
 import math
 import typing
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
