@@ -19,11 +19,15 @@ credited twice; wall-clock images/s are printed too.
 
 Start-up: a tree of --tree-files one-byte ``.jpg`` files (1000 per folder) is listed by
 ``load_dataset`` as a streamed folder (scan=list; nothing is opened except a 64-file header
-sample) and by a plain recursive ``os.scandir`` walk; best of 3 each, warm cache. Then a second
-load with the run's index counts how many times the tree is listed again (should be 0).
+sample) and by a plain recursive ``os.scandir`` walk; best of 3 each, warm cache. The auto
+start-up is what ``twist train TREE`` without --preset does before its first step: the recipe's
+look at the data (``summarize_data``: the listing and 16 headers) and the load, which takes that
+listing instead of walking the tree again. Then a second load with the run's index counts how
+many times the tree is listed again (should be 0).
 
 The last line of stdout is one JSON object with multicrop_speedup, twoview_speedup,
-startup_over_scandir and the raw figures.
+startup_over_scandir, auto_startup_over_scandir and the raw figures (``--part`` measures one
+half only).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from twist.autopreset import summarize_data
 from twist.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
 from twist.presets import get_preset
 from twist.data import ViewPlan, batch_loader, load_dataset
@@ -204,9 +209,14 @@ def startup(tree: Path, work: Path) -> dict:
     def twist_list() -> None:
         load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224)
 
+    def twist_auto() -> None:  # `twist train TREE` without --preset: the recipe's look, then the load
+        look = summarize_data(str(tree))
+        load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
+                     listing=look.listing)
+
     index = work / "index.json"
     index.unlink(missing_ok=True)
-    scandir_s, twist_s = best(scandir_walk), best(twist_list)
+    scandir_s, twist_s, auto_s = best(scandir_walk), best(twist_list), best(twist_auto)
     load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
                  index_path=index)  # a first run writes the index
     calls = []
@@ -220,7 +230,8 @@ def startup(tree: Path, work: Path) -> dict:
     finally:
         folder_module.list_tree = original
     return {"files": scandir_walk(), "scandir_s": round(scandir_s, 4), "twist_list_s": round(twist_s, 4),
-            "startup_over_scandir": round(twist_s / scandir_s, 2), "resume_load_s": round(resume_s, 4),
+            "startup_over_scandir": round(twist_s / scandir_s, 2), "auto_startup_s": round(auto_s, 4),
+            "auto_startup_over_scandir": round(auto_s / scandir_s, 2), "resume_load_s": round(resume_s, 4),
             "resume_listings": len(calls), "resume_images": len(ds)}
 
 
@@ -234,12 +245,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--tree-files", type=int, default=100_000)
+    ap.add_argument("--part", choices=["all", "loaders", "startup"], default="all",
+                    help="measure both parts (the JSON's speedups need 'loaders', its start-up ratios 'startup')")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     keep_freed_cpu_memory()  # as twist train does on CPU; process-wide, so both loaders (and forked workers) get it
     work = Path(args.work)
     root = Path(args.data) if args.data else work / "photos"
-    if not args.data:
+    if not args.data and args.part != "startup":
         t0 = time.perf_counter()
         make_photos(root, args.photos)
         print(f"synthetic folder {root}: {args.photos} JPEGs ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     mc, tv = get_preset("vit-small").augment, get_preset("rn50-twoview").augment
     result: dict = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "workers": args.workers, "batch": args.batch, "images": args.images}
-    for name, cfg in (("multicrop", mc), ("twoview", tv)):
+    for name, cfg in (("multicrop", mc), ("twoview", tv)) if args.part != "startup" else ():
         rel = release_loader(str(root), release_views(cfg.global_scale, cfg.local_scale, cfg.num_local),
                              subset, args.batch, args.workers)
         tw = twist_loader(str(root), cfg, args.images, args.batch, args.workers)
@@ -262,10 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"twist {tw['images_per_cpu_s']} img/CPU-s ({tw['images_per_s']} img/s): "
               f"x{result[f'{name}_speedup']}; views only (photometric on a GPU) {cut['images_per_cpu_s']} img/CPU-s: "
               f"x{result[f'{name}_speedup_cpu_side_of_gpu_training']}", file=sys.stderr)
-    tree = work / "tree"
-    make_tree(tree, args.tree_files)
-    result["startup"] = startup(tree, work)
-    result["startup_over_scandir"] = result["startup"]["startup_over_scandir"]
+    if args.part != "loaders":
+        tree = work / "tree"
+        make_tree(tree, args.tree_files)
+        result["startup"] = startup(tree, work)
+        result["startup_over_scandir"] = result["startup"]["startup_over_scandir"]
+        result["auto_startup_over_scandir"] = result["startup"]["auto_startup_over_scandir"]
     print(json.dumps(result))
     return result
 

@@ -145,11 +145,19 @@ def photo_run(tmp_path_factory):
     return root
 
 
-def test_auto_preset_trains_on_100_photos_and_the_gallery_shows_the_originals(photo_run, capsys):
+def test_auto_preset_trains_on_100_photos_and_the_gallery_shows_the_originals(photo_run, capsys, monkeypatch):
+    from twist.data import folder, listing
+
     data, out = photo_run / "photos", photo_run / "run"
+    walks = []
+    for module in (listing, folder):  # the recipe's look and the loader: one walk between them
+        real = module.list_tree
+        monkeypatch.setattr(module, "list_tree", lambda *a, real=real: walks.append(a[0]) or real(*a))
     rc = main(["train", str(data), "--out", str(out), "--epochs", "1", "--no-progress"])
     err = capsys.readouterr().err
+    monkeypatch.undo()
     assert rc == 0, err
+    assert walks == [str(data)], "the folder is listed once, by the look that chose the recipe"
     assert "auto preset 'photo-cpu'" in err and "batch 128 -> 32 per process" in err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["preset"] == "photo-cpu" and cfg["train"]["batch_size"] <= 100

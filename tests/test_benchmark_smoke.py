@@ -116,7 +116,7 @@ def test_photo_loader_script_tiny_run(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("multicrop_speedup", "twoview_speedup", "startup_over_scandir"):
+    for key in ("multicrop_speedup", "twoview_speedup", "startup_over_scandir", "auto_startup_over_scandir"):
         assert result[key] > 0, key
     assert result["multicrop"]["twist"]["images"] == result["multicrop"]["release"]["images"] == 8
     assert result["startup"]["files"] == 300 and result["startup"]["resume_listings"] == 0

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from twist.data import (
+    IMAGE_EXTENSIONS,
     DataError,
     ImageDataset,
     batch_loader,
@@ -408,6 +409,40 @@ def test_duplicate_directory_link_is_not_followed_twice(tmp_path):
     ds = load_dataset(str(tmp_path), bad_files="stop", progress=False)
     assert len(ds) == 1 and ds.class_names == ["a"]
     assert "already included" in skipped_names(ds)["b"]
+
+
+def test_split_folders_are_classes_with_a_warning_naming_the_train_folder(tmp_path, caplog):
+    for split in ("train", "test"):
+        save(tmp_path / split / "x.png", solid((1, 1, 1)))
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(str(tmp_path), progress=False)
+    assert ds.class_names == ["test", "train"]
+    assert "look like splits" in caplog.text and display_path(str(tmp_path / "train")) in caplog.text
+
+
+def test_a_listing_made_already_is_used_and_keeps_what_it_left_out(tmp_path, monkeypatch):
+    """``load_dataset(listing=...)`` (the auto preset's look at the folder) gives the dataset a
+    fresh listing gives, its notes included, without walking the folder again; a listing of
+    another folder is not used."""
+    from twist.data import folder
+    from twist.data.listing import list_tree
+
+    for name in ("a", "c"):
+        save(tmp_path / "data" / name / "x.png", solid((1, 1, 1)))
+    os.symlink("a", tmp_path / "data" / "b")
+    root = str(tmp_path / "data")
+    fresh = load_dataset(root, progress=False)
+    made = list_tree(root, IMAGE_EXTENSIONS, str)
+    save(tmp_path / "other" / "y.png", solid((2, 2, 2)))
+    other = list_tree(str(tmp_path / "other"), IMAGE_EXTENSIONS, str)
+    walks = []
+    real = folder.list_tree
+    monkeypatch.setattr(folder, "list_tree", lambda *a: walks.append(a[0]) or real(*a))
+    given = load_dataset(root, progress=False, listing=made)
+    assert walks == [] and given.class_names == fresh.class_names == ["a", "c"]
+    assert np.array_equal(given.labels, fresh.labels) and given.skipped == fresh.skipped
+    assert "already included" in skipped_names(given)["b"]
+    assert load_dataset(root, progress=False, listing=other).class_names == ["a", "c"] and walks == [root]
 
 
 # ---------------------------------------------------------------------- streaming

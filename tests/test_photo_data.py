@@ -241,7 +241,8 @@ def test_listing_opens_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", refuse)
     monkeypatch.setattr(os, "open", refuse)
     monkeypatch.setattr(Image, "open", refuse)
-    paths, runs, _ = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, refuse, refuse, str)
+    listing = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, refuse)
+    paths, runs = listing.paths, listing.runs
     monkeypatch.undo()
     assert [os.path.relpath(p, tmp_path) for p in paths] == [f"c{c}/im{i}.jpg" for c in range(2) for i in range(3)]
     assert runs == [("c0", 3), ("c1", 3)]
@@ -265,7 +266,8 @@ def test_listing_fast_path_keeps_the_rules(tmp_path):
         for name in names:
             (tmp_path / folder / name).write_bytes(b"x")
     (tmp_path / "top.jpg").write_bytes(b"x")
-    paths, runs, _ = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, lambda *a: None, lambda *a: None, str)
+    listing = list_tree(str(tmp_path), folder_module.IMAGE_EXTENSIONS, str)
+    paths, runs = listing.paths, listing.runs
     expected = []
     for dirpath, dirnames, filenames in os.walk(tmp_path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]

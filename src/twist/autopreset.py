@@ -37,12 +37,16 @@ import math
 import os
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from twist.config import TwistConfig, apply_overrides, override_value
 from twist.presets import get_preset
+
+if TYPE_CHECKING:  # the data package (and torch) is imported when data is looked at, not before
+    from twist.data import Listing
 
 __all__ = ["DataSummary", "DeviceInfo", "summarize_data", "device_info", "choose_preset", "fit_batch",
            "auto_preset", "measure_images_per_s", "budget_epochs", "spaced_evaluations"]
@@ -84,6 +88,9 @@ class DataSummary:
     """Median shorter side of the sampled images (0 unknown)."""
     classes: int = 0
     """First-level class folders (0: none or unknown)."""
+    listing: Listing | None = field(default=None, repr=False, compare=False)
+    """An image folder's listing (twist.data.listing), for ``train(..., listing=...)``: the
+    look that chose the recipe is also the list the run trains on (a folder is walked once)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,8 @@ class DeviceInfo:
 # ---------------------------------------------------------------------- looking
 def summarize_data(spec: str) -> DataSummary:
     """A cheap look at ``spec`` (what ``twist train`` accepts): array headers, or a folder listing
-    without opening files plus the headers of a seeded sample of SAMPLE_FILES files."""
+    without opening files plus the headers of a seeded sample of SAMPLE_FILES files (the listing
+    is kept in the summary, for the training run to use)."""
     from twist.data import IMAGE_EXTENSIONS
     from twist.data.decode import failure_reason, probe_image
     from twist.data.listing import list_tree
@@ -125,9 +133,10 @@ def summarize_data(spec: str) -> DataSummary:
         shapes = [_npz_shape(os.path.join(path, e)) for e in train]
         n, h, w, c = shapes[0]
         return DataSummary("array", sum(s[0] for s in shapes), c, min(h, w))
-    paths, runs, _ = list_tree(path, IMAGE_EXTENSIONS, lambda *_: None, lambda *_: None, failure_reason)
+    listing = list_tree(os.path.abspath(path), IMAGE_EXTENSIONS, failure_reason)
+    paths, runs = listing.paths, listing.runs
     if not paths:
-        return DataSummary("folder", 0)
+        return DataSummary("folder", 0, listing=listing)
     rng = np.random.default_rng(0)
     infos = []
     for i in sorted(rng.choice(len(paths), size=min(SAMPLE_FILES, len(paths)), replace=False)):
@@ -137,7 +146,7 @@ def summarize_data(spec: str) -> DataSummary:
             continue
     side = int(np.median([min(w, h) for w, h, _ in infos])) if infos else 0
     channels = 1 if infos and all(g for _, _, g in infos) else 3
-    return DataSummary("folder", len(paths), channels, side, len({top for top, _ in runs} - {""}))
+    return DataSummary("folder", len(paths), channels, side, len({top for top, _ in runs} - {""}), listing)
 
 
 def _npz_shape(path: str) -> tuple[int, int, int, int]:
@@ -285,14 +294,16 @@ def measure_images_per_s(cfg: TwistConfig, channels: int, steps: int = 2) -> flo
     return b / min(times[1:])
 
 
-def auto_preset(spec: str, overrides: Sequence[str] = ()) -> tuple[TwistConfig, list[str]]:
+def auto_preset(spec: str, overrides: Sequence[str] = (), data: DataSummary | None = None) -> tuple[TwistConfig, list[str]]:
     """What ``twist train SPEC --set OVERRIDES`` runs without --preset: :func:`choose_preset` on a
     look at the data and the device (``train.device`` from ``overrides``, else auto). For the CPU
     photo recipe the epochs then come from the speed measured here, to train for about
     CPU_BUDGET_MIN minutes; the speed is that of the recipe with ``overrides`` applied (a wider
     network or another batch changes it), and a ``train.epochs`` among them fixes the epochs
-    instead (nothing is measured). The caller applies ``overrides`` to the returned config."""
-    data = summarize_data(spec)
+    instead (nothing is measured). The caller applies ``overrides`` to the returned config.
+    ``data``: the :func:`summarize_data` of ``spec`` when the caller has it (to keep its listing
+    for the run), else it is made here."""
+    data = data if data is not None else summarize_data(spec)
     device = override_value(overrides, "train.device") or "auto"
     cfg, reasons = choose_preset(data, device_info(device))
     fixed_epochs = override_value(overrides, "train.epochs") is not None

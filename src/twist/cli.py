@@ -20,10 +20,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from twist.config import ConfigError, TwistConfig, apply_overrides
 from twist.presets import PRESETS, get_preset
+
+if TYPE_CHECKING:  # torch and the data package are imported by the commands that need them
+    from twist.data import Listing
 
 DATA_HELP = ("'digits' (built in, no download), an .npz file with x (N,H,W,C uint8) and optional y, a folder of "
              "npz splits (train*.npz, test.npz), or an image folder (labels from first-level sub-folders, if any)")
@@ -251,7 +254,11 @@ def _add_export_command(sub) -> None:
 
 
 # ---------------------------------------------------------------------- train
-def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
+def resolve_train_config(args: argparse.Namespace) -> tuple[TwistConfig, Listing | None]:
+    """The run's configuration (--config, --preset, the run folder's own when resuming, else the
+    auto preset) with --set and --epochs applied, and the listing of an image folder when the
+    auto preset made one (for ``train(listing=...)``: the folder is then walked once)."""
+    listing = None
     if not args.config and not args.preset and args.out and (Path(args.out) / "config.json").is_file():
         # a run folder being resumed (or holding an imported release model) keeps its own configuration
         args.config = str(Path(args.out) / "config.json")
@@ -260,27 +267,29 @@ def resolve_train_config(args: argparse.Namespace) -> TwistConfig:
     elif args.preset:
         cfg = get_preset(args.preset)
     else:
-        cfg = auto_config(args)
+        cfg, listing = auto_config(args)
     apply_overrides(cfg, args.overrides)
     if args.epochs is not None:
         apply_overrides(cfg, [f"train.epochs={args.epochs}"])
-    return cfg.validate()
+    return cfg.validate(), listing
 
 
-def auto_config(args: argparse.Namespace) -> TwistConfig:
+def auto_config(args: argparse.Namespace) -> tuple[TwistConfig, Listing | None]:
     """No --preset: the recipe twist.autopreset chooses from a cheap look at the data and the
-    device (``train.device`` from --set, else auto), its reasons logged (and kept for --dry-run).
-    The CPU photo recipe's epochs come from the speed of the overridden recipe measured here
-    unless --epochs (or ``--set train.epochs=``) fixes them."""
+    device (``train.device`` from --set, else auto), its reasons logged (and kept for --dry-run),
+    and the look's folder listing (None for other data). The CPU photo recipe's epochs come from
+    the speed of the overridden recipe measured here unless --epochs (or ``--set train.epochs=``)
+    fixes them."""
     import logging
 
-    from twist.autopreset import auto_preset
+    from twist.autopreset import auto_preset, summarize_data
 
     epochs = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
-    cfg, reasons = auto_preset(args.data, [*args.overrides, *epochs])
+    data = summarize_data(args.data)
+    cfg, reasons = auto_preset(args.data, [*args.overrides, *epochs], data)
     for line in reasons:
         logging.getLogger("twist.autopreset").info("%s", line)
-    return cfg
+    return cfg, data.listing
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -319,7 +328,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     text = docs.get(f"{group}.{key}")
                     print(f"{group}.{key}={value}" + (f"  # {text}" if text else ""))
         return 0
-    cfg = resolve_train_config(args)
+    cfg, listing = resolve_train_config(args)
     out = Path(args.out) if args.out else Path("runs") / cfg.preset
     if args.dry_run:
         print(cfg.to_json())
@@ -327,7 +336,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from twist.train import train
 
-    record = train(cfg, args.data, out, progress=_progress(args))
+    record = train(cfg, args.data, out, progress=_progress(args), listing=listing)
     from twist.distributed import is_main_process
 
     if is_main_process():  # under torchrun every process returns here; one summary is enough
@@ -337,43 +346,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def dataset_size(data: str) -> int | None:
-    """Number of training images of ``data`` without decoding any image: the built-in digits, an
-    npz file or a folder of npz splits (array headers only), an image folder (files with an
-    image extension). None when it cannot be told."""
-    import os
+    """Number of training images of ``data`` without decoding any image (the count of
+    :func:`twist.autopreset.summarize_data`: array headers, or a folder's listing). None when it
+    cannot be told (shards, unreadable data: loading names the problem)."""
     import zipfile
 
-    import numpy as np
-
-    def npz_rows(path: str) -> int:
-        with zipfile.ZipFile(path) as z, z.open("x.npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                     else np.lib.format.read_array_header_2_0(f))[0]
-            return int(shape[0])
+    from twist.autopreset import summarize_data
 
     try:
-        if data == "digits":
-            return 1797
-        path = os.path.expanduser(data)
-        if os.path.isfile(path) and path.lower().endswith(".npz"):
-            return npz_rows(path)
-        if os.path.isdir(path):
-            names = sorted(os.listdir(path))
-            npz = [n for n in names if n.lower().endswith(".npz") and os.path.isfile(os.path.join(path, n))]
-            if npz:
-                train = [n for n in npz if n[:-4] == "train" or (n.startswith("train") and not n[5].isalpha())]
-                return sum(npz_rows(os.path.join(path, n)) for n in train) if train else None
-            from twist.data import IMAGE_EXTENSIONS
-
-            count = 0
-            for root, dirs, files in os.walk(path, followlinks=True):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                count += sum(1 for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-            return count
+        return summarize_data(data).count
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
-    return None
 
 
 def dry_run_summary(cfg: TwistConfig, data: str, world_size: int | None = None) -> list[str]:

@@ -29,7 +29,7 @@ from torch import nn
 from twist import distributed as tdist
 from twist.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment, dataset_stats
 from twist.config import ConfigError, TwistConfig
-from twist.data import ImageDataset, ViewPlan, load_dataset
+from twist.data import ImageDataset, Listing, ViewPlan, load_dataset
 from twist.io import write_text_atomic
 from twist.loss import TwistLoss
 from twist.model import build_model
@@ -48,7 +48,7 @@ __all__ = ["train", "TwistStage", "TwistStep", "TrainingError", "train_step", "p
 
 # ---------------------------------------------------------------------- the run
 def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist", *, progress: bool = True,
-          max_steps: int | None = None) -> dict[str, Any]:
+          max_steps: int | None = None, listing: Listing | None = None) -> dict[str, Any]:
     """Train TWIST on ``data`` and write checkpoints and metrics to ``out``.
 
     Args:
@@ -57,6 +57,9 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
         out: run folder; if it holds a checkpoint, training resumes from it.
         progress: show progress bars.
         max_steps: stop after this many optimiser steps in total (tests, benchmarks).
+        listing: the listing of an image folder ``data`` made already (the ``listing`` of
+            :func:`twist.autopreset.summarize_data`, which ``twist train`` without --preset
+            calls to choose the recipe), so that the folder is walked once, not twice.
 
     Returns the last epoch's metrics record. Raises :class:`twist.preempt.Preempted` after
     SIGTERM / SIGUSR1 (checkpoint written), ``RunFolderInUse`` when another process trains in
@@ -65,13 +68,14 @@ def train(cfg: TwistConfig, data: str = "digits", out: str | Path = "runs/twist"
     """
     cfg.validate()
     with TrainingSession(out) as session:
-        return train_session(cfg, str(data), Path(out), session, progress=progress, max_steps=max_steps)
+        return train_session(cfg, str(data), Path(out), session, progress=progress, max_steps=max_steps,
+                             listing=listing)
 
 
 def train_session(cfg: TwistConfig, data: str, out: Path, session: TrainingSession, *, progress: bool,
-                  max_steps: int | None) -> dict[str, Any]:
+                  max_steps: int | None, listing: Listing | None = None) -> dict[str, Any]:
     """:func:`train` inside its session: set-up, resume, the TWIST epochs, self-labeling, end."""
-    run = start_run(cfg, data, out, progress, session)
+    run = start_run(cfg, data, out, progress, session, listing)
     model, teacher = build_networks(cfg, run)
     stage = TwistStage(run, model, teacher)
     state, epoch_sums, selflabel_checkpoint = resume(run, stage)
@@ -101,9 +105,11 @@ def train_session(cfg: TwistConfig, data: str, out: Path, session: TrainingSessi
 
 
 # ---------------------------------------------------------------------- set-up
-def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool, session: TrainingSession | None = None) -> Run:
+def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool, session: TrainingSession | None = None,
+              listing: Listing | None = None) -> Run:
     """Device, processes and precision; the run folder (locked for ``session`` and proved
-    writable before any data is loaded); the training and validation data and their normalisation."""
+    writable before any data is loaded); the training and validation data (an image folder from
+    ``listing`` when one is given) and their normalisation."""
     device = resolve_device(cfg.train.device)
     tdist.init_from_env(device.type)
     rank, world = tdist.rank(), tdist.world_size()
@@ -119,7 +125,8 @@ def start_run(cfg: TwistConfig, data: str, out: Path, progress: bool, session: T
     dataset = load_dataset(data, "train", image_size=image_size, bad_files=cfg.train.bad_files, scan=cfg.train.scan,
                            max_memory_gb=cfg.train.max_memory_gb, progress=progress and rank == 0,
                            crop_size=cfg.augment.global_size,
-                           index_path=out / DATA_INDEX_NAME if rank == 0 else None)  # see DATA_INDEX_NAME
+                           index_path=out / DATA_INDEX_NAME if rank == 0 else None,  # see DATA_INDEX_NAME
+                           listing=listing)
     skipped_written = 0
     if rank == 0:
         if not dataset.skipped and (out / SKIPPED_NAME).exists():

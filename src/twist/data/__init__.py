@@ -111,6 +111,7 @@ from twist.data.crops import ViewPlan
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import display_path
 from twist.data.folder import IMAGE_EXTENSIONS
+from twist.data.listing import Listing
 from twist.data.loader import BatchLoader, batch_loader, padding_mask, real_indices
 from twist.data.sources import load_dataset
 
@@ -125,4 +126,5 @@ __all__ = [
     "real_indices",
     "display_path",
     "IMAGE_EXTENSIONS",
+    "Listing",
 ]

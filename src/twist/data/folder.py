@@ -23,6 +23,8 @@ IMAGE_EXTENSIONS = frozenset(
 )
 """File extensions (lower-case) that make a file in a folder a candidate image."""
 
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
+"""First-level folder names that say "split", not "class" (a warning names the train folder)."""
 _GIB = 1024**3
 SAMPLE_HEADERS = 64
 """Headers read (a seeded sample) to decide between memory and streaming without a full scan."""
@@ -57,15 +59,23 @@ class _Skips:
                         f"(bad_files='stop'{others}; use bad_files='skip' to leave such files out)")
 
 
-def _labelled(root: str, skips: _Skips, name: str) -> tuple[Listing, np.ndarray, list[str]]:
-    """The listing of the images to use, their labels and the class names: labels are the
-    first-level sub-folders holding at least one candidate image (labels -1 and no classes
-    without any; files beside class folders are left out)."""
-    listing = list_tree(root, IMAGE_EXTENSIONS, skips.bad, skips.note, failure_reason)
+def _labelled(root: str, skips: _Skips, name: str, listing: Listing | None) -> tuple[Listing, np.ndarray, list[str]]:
+    """The listing of the images to use (``listing`` when it is one of ``root``, else made now),
+    their labels and the class names: labels are the first-level sub-folders holding at least
+    one candidate image (labels -1 and no classes without any; files beside class folders are
+    left out)."""
+    if listing is None or listing.root != root:
+        listing = list_tree(root, IMAGE_EXTENSIONS, failure_reason)
+    for path, reason, bad in listing.left_out:
+        (skips.bad if bad else skips.note)(path, reason)
     paths, runs = listing.paths, listing.runs
     class_names = sorted({top for top, _ in runs} - {""})
     if not class_names:
         return listing, np.full(len(paths), -1, dtype=np.int64), []
+    if "train" in class_names and set(class_names) <= SPLIT_NAMES:
+        logger.warning("%s: its sub-folders %s look like splits, not classes; they are used as classes here. "
+                       "To train on the training split give %s", name, ", ".join(class_names),
+                       display_path(os.path.join(root, "train")))
     class_index = {c: i for i, c in enumerate(class_names)}
     class_index[""] = -1
     labels = np.repeat(np.array([class_index[top] for top, _ in runs], dtype=np.int64),
@@ -115,9 +125,10 @@ def _sample_infos(paths: list[str], max_pixels: int) -> list[tuple[int, int, boo
 
 def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float, progress: bool,
                 max_pixels: int, *, scan: str = "list", index_path: str | None = None,
-                crop_size: int = 0) -> ImageDataset:
+                crop_size: int = 0, listing: Listing | None = None) -> ImageDataset:
     """An image folder as a dataset (see the package docstring); ``scan``, ``index_path`` and
-    ``crop_size`` concern streamed folders only."""
+    ``crop_size`` concern streamed folders only. ``listing``: a :func:`list_tree` of the folder's
+    absolute path made already (the recipe choice lists it), used instead of listing again."""
     root = os.path.abspath(root)
     name = os.path.basename(os.path.normpath(root)) or root
     skips = _Skips(bad_files)
@@ -127,7 +138,7 @@ def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float
     index = read_index(index_path, root, settings) if use_index else None
     if index is not None:
         return _from_index(index, root, name, max_pixels)
-    listing, labels, class_names = _labelled(root, skips, name)
+    listing, labels, class_names = _labelled(root, skips, name, listing)
     paths = listing.paths
     if not paths:
         _raise_empty(root, skips)

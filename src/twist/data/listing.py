@@ -30,32 +30,43 @@ INDEX_VERSION = 2
 
 
 class Listing(NamedTuple):
-    """What :func:`list_tree` found."""
+    """What :func:`list_tree` found: everything the folder loader needs, so a listing made once
+    (e.g. by ``twist.autopreset.summarize_data`` to choose the recipe) is not made again when
+    the same folder is loaded (``load_folder(listing=...)``)."""
 
+    root: str
+    """The folder listed, as given (the paths start with it)."""
     paths: list[str]
     runs: list[tuple[str, int]]
     """(first-level folder, number of consecutive paths in it), in path order."""
     folder_times: dict[str, int]
     """Modification time (ns) of every folder walked, by path relative to the root ('.' = root)."""
+    left_out: list[tuple[str, str, bool]]
+    """(path, reason, bad) of the entries left out: ``bad`` for ones the bad-file policy counts
+    (unlistable folders, symlink loops), else a note (a folder reached twice)."""
 
 
-def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], None],
-              note: Callable[[str, str], None], reason: Callable[[OSError], str]) -> Listing:
+def list_tree(root: str, extensions: frozenset[str], reason: Callable[[OSError], str]) -> Listing:
     """Candidate image files under ``root`` in the order of their path parts (a depth-first walk,
     each folder's entries in name order), runs ``(first-level folder, count)`` saying which
     first-level folder each lies in, in the same order ('' for files directly in ``root``), and
-    the modification time of every folder walked, taken before it was listed (for the index).
-    ``bad`` / ``note`` receive (path, reason) of entries left out; ``reason`` words an OSError.
+    the modification time of every folder walked, taken before it was listed (for the index),
+    and the entries left out with their reasons; ``reason`` words an OSError.
     Per plain file: no system call beyond the folder's listing, and, for the usual folder of
     files with one extension, no Python statement either (see :func:`_all_images`)."""
     paths: list[str] = []
     runs: list[tuple[str, int]] = []
     times: dict[str, int] = {}
+    left_out: list[tuple[str, str, bool]] = []
+
+    def bad(path: str, why: str) -> None:
+        left_out.append((path, why, True))
+
     try:
         st = os.stat(root)
     except OSError as exc:
         bad(root, f"cannot list directory: {reason(exc)}")
-        return Listing(paths, runs, times)
+        return Listing(root, paths, runs, times, left_out)
     seen = {(st.st_dev, st.st_ino)}
     times["."] = st.st_mtime_ns
     skip = len(os.path.join(root, ""))
@@ -92,7 +103,7 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
             if key in ancestors:
                 bad(entry.path, "symlink loop (links to a folder that contains it); not followed")
             elif key in seen:
-                note(entry.path, "folder already included through another path; not followed")
+                left_out.append((entry.path, "folder already included through another path; not followed", False))
             else:
                 seen.add(key)
                 folders[entry.name] = key
@@ -104,7 +115,7 @@ def list_tree(root: str, extensions: frozenset[str], bad: Callable[[str, str], N
                 add([name], prefix, label)
 
     walk(root, None, ((st.st_dev, st.st_ino),))
-    return Listing(paths, runs, times)
+    return Listing(root, paths, runs, times, left_out)
 
 
 def _split(entries: list[os.DirEntry], extensions: frozenset[str]) -> tuple[list[str], list[os.DirEntry]]:

@@ -17,6 +17,7 @@ from PIL import Image
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import display_path, failure_reason, resize_crop, to_chw
 from twist.data.folder import load_folder
+from twist.data.listing import Listing
 from twist.data.shards import load_shards, shard_files
 from twist.data.threads import num_threads, ordered_map
 
@@ -35,6 +36,7 @@ def load_dataset(
     scan: str = "list",
     index_path: str | os.PathLike | None = None,
     crop_size: int = 0,
+    listing: Listing | None = None,
 ) -> ImageDataset:
     """Load ``spec`` ('digits', a .npz file, a folder of .npz splits or an image folder).
 
@@ -43,7 +45,8 @@ def load_dataset(
     Streamed folders only: ``scan`` 'list' (names only; bad files found when decoded) or 'full'
     (every header checked first); ``index_path`` keeps the list there for the next load;
     ``crop_size`` > 0 makes their batches the evaluation crops of photos (shorter side resized
-    to round(crop_size / 0.875), centre crop_size square).
+    to round(crop_size / 0.875), centre crop_size square). ``listing``: an image folder's listing
+    made already (``twist.autopreset.summarize_data``), so the folder is not walked twice.
     """
     if scan not in ("list", "full"):
         raise DataError(f"scan must be 'list' or 'full', got {scan!r}")
@@ -76,7 +79,8 @@ def load_dataset(
                 ds = _load_npz_split_dir(path, npz, split)
             else:
                 ds = load_folder(path, image_size, bad_files, max_memory_gb, progress, max_pixels, scan=scan,
-                                 index_path=os.fspath(index_path) if index_path else None, crop_size=crop_size)
+                                 index_path=os.fspath(index_path) if index_path else None, crop_size=crop_size,
+                                 listing=listing)
         elif path.lower().endswith(".npz"):
             ds = _load_npz_files([path], _stem(path), os.path.dirname(os.path.abspath(path)), "npz")
         else:
