@@ -206,26 +206,26 @@ def startup(tree: Path, work: Path) -> dict:
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    def load(**extra):  # a streamed folder (nothing fits 1e-9 GiB), as a photo run loads it
+        return load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
+                            **extra)
+
     def twist_list() -> None:
-        load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224)
+        load()
 
     def twist_auto() -> None:  # `twist train TREE` without --preset: the recipe's look, then the load
-        look = summarize_data(str(tree))
-        load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
-                     listing=look.listing)
+        load(listing=summarize_data(str(tree)).listing)
 
     index = work / "index.json"
     index.unlink(missing_ok=True)
     scandir_s, twist_s, auto_s = best(scandir_walk), best(twist_list), best(twist_auto)
-    load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
-                 index_path=index)  # a first run writes the index
+    load(index_path=index)  # a first run writes the index
     calls = []
     original = folder_module.list_tree
     folder_module.list_tree = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         t0 = time.perf_counter()
-        ds = load_dataset(str(tree), "train", image_size=224, max_memory_gb=1e-9, progress=False, crop_size=224,
-                          index_path=index)
+        ds = load(index_path=index)
         resume_s = time.perf_counter() - t0
     finally:
         folder_module.list_tree = original
