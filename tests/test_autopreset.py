@@ -174,3 +174,16 @@ def test_auto_preset_trains_on_100_photos_and_the_gallery_shows_the_originals(ph
             expected.thumbnail((128, 128))
             # the original's size and aspect (within the DCT draft's rounding), not the 64 x 64 training copy
             assert abs(thumb.size[0] - expected.size[0]) <= 1 and abs(thumb.size[1] - expected.size[1]) <= 1
+
+
+def test_auto_preset_dry_run_looks_at_the_folder_once(photo_run, capsys, monkeypatch):
+    from twist.data import listing
+
+    walks = []
+    real = listing.list_tree
+    monkeypatch.setattr(listing, "list_tree", lambda *a: walks.append(a[0]) or real(*a))
+    rc = main(["train", str(photo_run / "photos"), "--epochs", "1", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "100 images" in err
+    assert walks == [str(photo_run / "photos")], "the dry run's count reuses the look that chose the recipe"

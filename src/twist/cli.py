@@ -332,7 +332,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.preset
     if args.dry_run:
         print(cfg.to_json())
-        print("\n".join(dry_run_summary(cfg, args.data, args.world_size)), file=sys.stderr)
+        images = len(listing.paths) if listing is not None else None  # the auto preset has counted them
+        print("\n".join(dry_run_summary(cfg, args.data, args.world_size, images)), file=sys.stderr)
         return 0
     from twist.train import train
 
@@ -359,9 +360,12 @@ def dataset_size(data: str) -> int | None:
         return None
 
 
-def dry_run_summary(cfg: TwistConfig, data: str, world_size: int | None = None) -> list[str]:
+def dry_run_summary(cfg: TwistConfig, data: str, world_size: int | None = None,
+                    images: int | None = None) -> list[str]:
     """What ``twist train --dry-run`` prints after the configuration: batch sizes, steps per
-    epoch, learning-rate / weight-decay / EMA schedules and the self-labeling stage."""
+    epoch, learning-rate / weight-decay / EMA schedules and the self-labeling stage. ``images``:
+    the number of training images when the caller already knows it (the auto preset's listing),
+    so that the data is not looked at twice; else :func:`dataset_size` counts them."""
     import os
 
     from twist.presets import IMAGENET_TRAIN_IMAGES, RECIPE_WORLD_SIZE
@@ -380,7 +384,7 @@ def dry_run_summary(cfg: TwistConfig, data: str, world_size: int | None = None) 
     if recipe and data == "digits":
         n, source = IMAGENET_TRAIN_IMAGES, f"ImageNet-1k train, assumed for the {cfg.preset} recipe"
     else:
-        n, source = dataset_size(data), data
+        n, source = (dataset_size(data) if images is None else images), data
     t, o, sl, a = cfg.train, cfg.optim, cfg.selflabel, cfg.augment
     global_batch = t.batch_size * world
     lines = ["twist: dry run, nothing is trained"]
