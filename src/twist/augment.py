@@ -9,10 +9,10 @@ than the crops, over the levels of an anti-aliasing pyramid.
 Randomness. Every random number is drawn on the CPU from the ``torch.Generator`` passed to
 :meth:`MultiCropAugment.__call__` (the global CPU generator when none is given), in a fixed
 order and amount that does not depend on the configuration (apart from two more uniforms per
-(view, sample) when rotation or shear is on, see step 1). The small per-sample parameter
-tensors are then moved to the device in one transfer per crop resolution, so a fixed seed gives
-the same crops, flips and colour factors on every run and on every device, and no GPU->CPU
-synchronisation happens.
+(view, sample) when rotation or shear is on, see step 1, and five when erasing is, step 6). The
+small per-sample parameter tensors are then moved to the device in one transfer per crop
+resolution, so a fixed seed gives the same crops, flips and colour factors on every run and on
+every device, and no GPU->CPU synchronisation happens.
 
 The pipeline of one view (BYOL / DINO order, torchvision's definition of each operation):
 
@@ -73,7 +73,14 @@ The pipeline of one view (BYOL / DINO order, torchvision's definition of each op
    no sample is selected.
 5. Solarize with per-view probability ``solarize_p``: pixels >= 0.5 become 1 - x (what
    PIL's ``ImageOps.solarize`` does at threshold 128 on the original 8-bit values).
-6. Normalise ``(x - mean) / std``. Each view is a contiguous ``float32`` (B, C, S, S) slice of
+6. Random erasing with probability ``erase_p`` (0 in the paper and the photo recipes):
+   torchvision's ``RandomErasing`` on each view, with one attempt instead of ten: the area
+   fraction is uniform in ``erase_scale`` and the aspect ratio (height / width) log-uniform in
+   ``erase_ratio``; the sides are rounded and clipped to the view, the corner is uniform over the
+   positions where the box fits, and the box is filled with the normalisation mean (0 after step
+   7, as RandomErasing's ``value=0`` after Normalize). Its five uniforms per (view, sample) are
+   drawn after everything else of their crop resolution, and only when ``erase_p > 0``.
+7. Normalise ``(x - mean) / std``. Each view is a contiguous ``float32`` (B, C, S, S) slice of
    one new (V, B, C, S, S) tensor per resolution.
 
 Speed notes. All views of one resolution are processed as one view-major (V * B, C, S, S)
@@ -152,7 +159,8 @@ _P_GRAY = 8
 _P_SIGMA = 9
 _P_SOLAR = 10
 _P_BX, _P_BY = 11, 12
-_N_PARAMS = 13
+_P_ERASE_TOP, _P_ERASE_LEFT, _P_ERASE_H, _P_ERASE_W = 13, 14, 15, 16  # height 0 = nothing erased
+_N_PARAMS = 17
 _NO_BLUR_SIGMA = 1e-3  # a sigma whose kernel is exactly [.., 0, 1, 0, ..] in float32
 
 
@@ -451,6 +459,37 @@ def _crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, floa
     return top, left, h, w
 
 
+def _erase_boxes(u: np.ndarray, size: int, prob: float, scale: tuple[float, float],
+                 ratio: tuple[float, float]) -> np.ndarray:
+    """Random-erasing boxes (step 6) from ``u`` (..., 5) uniforms: (4, ...) float arrays of integer
+    (top, left, height, width) in a square view of side ``size``; height and width are 0 where the
+    view is not erased (probability ``1 - prob``)."""
+    area = size * size * (scale[0] + (scale[1] - scale[0]) * u[..., 1])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 2])
+    h = np.clip(np.round(np.sqrt(area * aspect)), 1, size)
+    w = np.clip(np.round(np.sqrt(area / aspect)), 1, size)
+    top = np.floor(u[..., 3] * (size - h + 1))
+    left = np.floor(u[..., 4] * (size - w + 1))
+    on = u[..., 0] < prob
+    return np.stack([top, left, np.where(on, h, 0.0), np.where(on, w, 0.0)])
+
+
+def _box_mask(p: torch.Tensor, n: int, size: int) -> torch.Tensor:
+    """(n, 1, S, S) float mask, 1 inside each view's erasing box of ``p`` (rows _P_ERASE_*), from
+    integer-valued arithmetic: ``clamp(r - top + 1, 0, 1) * clamp(top + h - r, 0, 1)`` is 1 exactly
+    for ``top <= r < top + h``."""
+    r = torch.arange(size, device=p.device, dtype=p.dtype)
+
+    def band(start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        start, length = start.reshape(n, 1), length.reshape(n, 1)
+        return (r - start + 1).clamp_(0, 1) * (start + length - r).clamp_(0, 1)
+
+    rows = band(p[_P_ERASE_TOP], p[_P_ERASE_H])
+    cols = band(p[_P_ERASE_LEFT], p[_P_ERASE_W])
+    return (rows.view(n, 1, size, 1) * cols.view(n, 1, 1, size))
+
+
 def _sampling_grid(p: torch.Tensor, b: int, nviews: int, size: int, affine: bool = False) -> torch.Tensor:
     """The ``F.affine_grid(theta, align_corners=False)`` grids of axis-aligned maps
     ``x_in = ax * x_out + tx``, ``y_in = ay * y_out + ty`` (flips have ax < 0; parameters
@@ -693,6 +732,9 @@ class MultiCropAugment:
             ua = torch.rand((b, nviews, 2), generator=generator, dtype=torch.float64).numpy().transpose(1, 0, 2)
             (r0, r1), (s0, s1) = self.rotation_range, self.shear_range
             rotation, shear = r0 + (r1 - r0) * ua[..., 0], s0 + (s1 - s0) * ua[..., 1]
+        erase = cfg.erase_p > 0  # drawn after the affine angles and only when on, for the same reason
+        if erase:
+            ue = torch.rand((b, nviews, 5), generator=generator, dtype=torch.float64).numpy().transpose(1, 0, 2)
 
         params = np.zeros((_N_PARAMS, nviews, b), dtype=np.float32)
         top, left, h, w = _crop_boxes(u, height, width, scale, cfg.ratio)
@@ -728,8 +770,13 @@ class MultiCropAugment:
         params[_P_SIGMA] = np.where(blur, sigma, _NO_BLUR_SIGMA)
         solar = u[..., _C_SOLAR] < np.asarray(solar_p, dtype=np.float64)[:, None]
         params[_P_SOLAR] = solar
+        if erase:
+            boxes = _erase_boxes(ue, size, cfg.erase_p, cfg.erase_scale, cfg.erase_ratio)
+            params[[_P_ERASE_TOP, _P_ERASE_LEFT, _P_ERASE_H, _P_ERASE_W]] = boxes
+            erase = bool(boxes[2].any())
         return dict(params=params, order=order, levels=levels, jitter=bool(jitter.any()), gray=bool(gray.any()),
-                    blur=blur, sigma=sigma, solar=bool(solar.any()), affine=affine, rotation=rotation, shear=shear)
+                    blur=blur, sigma=sigma, solar=bool(solar.any()), affine=affine, rotation=rotation, shear=shear,
+                    erase=erase)
 
     # ------------------------------------------------------------------ one crop resolution
     def _views(self, pyramid: list[torch.Tensor], nviews: int, size: int, scale: tuple[float, float],
@@ -800,6 +847,9 @@ class MultiCropAugment:
         # ---- solarize
         if d["solar"]:
             xv = solarize(xv, col(_P_SOLAR), inplace=True)
+        # ---- random erasing: a 0/1 float mask, the product of a row band and a column band
+        if d["erase"]:
+            xv = xv.lerp_(self._normalizer.constants(device, 4, 1)[0].expand_as(xv), _box_mask(p, n, size))
         # ---- normalise in place: xv is a new (V*B, C, S, S) tensor, so every view is a contiguous slice
         mean, inv_std = self._normalizer.constants(device, 4, 1)
         xv = xv.sub_(mean).mul_(inv_std)
