@@ -772,7 +772,7 @@ class MultiCropAugment:
         params[_P_SOLAR] = solar
         if erase:
             boxes = _erase_boxes(ue, size, cfg.erase_p, cfg.erase_scale, cfg.erase_ratio)
-            params[[_P_ERASE_TOP, _P_ERASE_LEFT, _P_ERASE_H, _P_ERASE_W]] = boxes
+            params[_P_ERASE_TOP:_P_ERASE_W + 1] = boxes
             erase = bool(boxes[2].any())
         return dict(params=params, order=order, levels=levels, jitter=bool(jitter.any()), gray=bool(gray.any()),
                     blur=blur, sigma=sigma, solar=bool(solar.any()), affine=affine, rotation=rotation, shear=shear,
@@ -847,11 +847,11 @@ class MultiCropAugment:
         # ---- solarize
         if d["solar"]:
             xv = solarize(xv, col(_P_SOLAR), inplace=True)
+        mean, inv_std = self._normalizer.constants(device, 4, 1)
         # ---- random erasing: a 0/1 float mask, the product of a row band and a column band
         if d["erase"]:
-            xv = xv.lerp_(self._normalizer.constants(device, 4, 1)[0].expand_as(xv), _box_mask(p, n, size))
+            xv = xv.lerp_(mean.expand_as(xv), _box_mask(p, n, size))
         # ---- normalise in place: xv is a new (V*B, C, S, S) tensor, so every view is a contiguous slice
-        mean, inv_std = self._normalizer.constants(device, 4, 1)
         xv = xv.sub_(mean).mul_(inv_std)
         return list(xv.view(nviews, b, c, size, size).unbind(0))
 
