@@ -333,7 +333,7 @@ def test_blur_tiny_sigma_is_identity_and_mean_preserved():
     torch.testing.assert_close(gaussian_blur(c, 3.0), c, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("sigma", [0.4, 1.0, 2.5])  # radius 2 (taps), 3 (taps), 8 (convolution)
+@pytest.mark.parametrize("sigma", [0.4, 1.0, 2.5])  # radius 2, 3, 8
 def test_blur_matches_torchvision(sigma):
     x = _float_images(b=3, h=24, w=20)
     k = 2 * int(np.ceil(3 * sigma)) + 1
@@ -347,16 +347,35 @@ def test_blur_matches_torchvision(sigma):
                                    atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.75])  # gathered subset / all planes
-def test_pipeline_blur_selects_images(fraction):
+@pytest.mark.parametrize("fraction", [0.25, 0.75, 1.0])  # gathered subset / all planes in place
+def test_pipeline_blur_selects_images_each_with_its_own_kernel(fraction):
     n, c, s = 12, 3, 12
     x = torch.rand(n, c, s, s, generator=_gen())
     sel = np.random.default_rng(0).random(n) < fraction
-    sigma = torch.where(torch.from_numpy(sel), torch.rand(n, generator=_gen(1)) + 0.5, torch.tensor(1e-3))
-    out = MultiCropAugment._blur(x.clone(), sigma, sel, 7)
+    sigma = (torch.rand(n, generator=_gen(1)) * 1.5 + 0.2).numpy()  # radii 1-6 (ceil(3 sigma))
+    out = MultiCropAugment._blur(x.clone(), sigma, sel)
     for i in range(n):
-        ref = gaussian_blur(x[i:i + 1], sigma[i], kernel_size=7) if sel[i] else x[i:i + 1]
+        # each image's kernel is its own 2 * ceil(3 sigma) + 1 taps, whatever the others' sigmas
+        ref = gaussian_blur(x[i:i + 1], float(sigma[i])) if sel[i] else x[i:i + 1]
         torch.testing.assert_close(out[i:i + 1], ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("radius", [2, 6, 9])
+def test_blur_taps_equal_the_convolution(radius):
+    planes = torch.rand(5, 23, 19, generator=_gen())
+    weights = _gaussian_kernels(torch.rand(5, generator=_gen(1)) + 0.5, 2 * radius + 1)
+    by_taps = _blur_planes(planes.clone(), weights, taps=True)
+    by_conv = _blur_planes(planes.clone(), weights, taps=False)
+    torch.testing.assert_close(by_taps, by_conv, atol=1e-6, rtol=0)
+
+
+def test_gaussian_kernels_with_their_own_radius():
+    sigma = torch.tensor([0.3, 1.0, 2.0])
+    k = _gaussian_kernels(sigma, 13, radius=torch.tensor([1, 3, 6]))
+    for row, r in zip(k, (1, 3, 6)):
+        assert torch.equal(row[:6 - r], torch.zeros(6 - r)) and torch.equal(row[7 + r:], torch.zeros(6 - r))
+    for i, r in enumerate((1, 3, 6)):
+        torch.testing.assert_close(k[i, 6 - r:7 + r], _gaussian_kernels(sigma[i:i + 1], 2 * r + 1)[0])
 
 
 def test_gaussian_kernel_rows():

@@ -2,9 +2,10 @@
 
 Images arrive as ``uint8`` tensors ``(B, C, H, W)`` on the training device (CPU or GPU) and leave
 as a list of normalised ``float32`` views ``[global_1, global_2, local_1, ...]``. Every operation
-works on the whole batch at once; there is no Python loop over images. The only Python loops are
-over the two crop resolutions (global, local) and, in the rare case that images are much larger
-than the crops, over the levels of an anti-aliasing pyramid.
+works on many images at once; there is no Python loop over images. The only Python loops are
+over the two crop resolutions (global, local), on CPU over chunks of a few MB of rows for the
+colour steps (speed notes below) and, in the rare case that images are much larger than the
+crops, over the levels of an anti-aliasing pyramid.
 
 Randomness. Every random number is drawn on the CPU from the ``torch.Generator`` passed to
 :meth:`MultiCropAugment.__call__` (the global CPU generator when none is given), in a fixed
@@ -65,12 +66,12 @@ The pipeline of one view (BYOL / DINO order, torchvision's definition of each op
    is uniform in ``blur_sigma``, which is given in pixels of a 224 px global crop; it is
    multiplied by ``global_size / 224`` for EVERY view, so the paper's 224/96 recipe keeps
    DINO/BYOL's sigma in [0.1, 2] px on global and local crops alike, and a 32/16 recipe gets
-   sigma in [0.014, 0.29] px. Kernel: ``2 * ceil(3 * sigma_max) + 1`` taps (sigma_max over the
-   blurred samples of the call; capped by the image), per-sample separable weights, reflect
-   padding; radius <= 3 as shifted multiply-adds (in place), larger as a grouped convolution. When fewer
-   than half of the (view, sample) pairs are selected only those planes are gathered and
-   blurred; otherwise all are, the others with an exact identity kernel. Nothing is done when
-   no sample is selected.
+   sigma in [0.014, 0.29] px. Kernel: each blurred view its own ``2 * ceil(3 * sigma) + 1``
+   taps (capped by the image; torchvision's size rule), separable, reflect padding, zero-padded
+   to the longest kernel of its chunk (below), so a view's blur does not depend on the others'.
+   On CPU (and for radius <= 3 anywhere) as shifted multiply-adds in place, on a GPU larger
+   kernels as a grouped convolution. Only the selected views are filtered (gathered when not
+   all of their chunk are); nothing is done when none is.
 5. Solarize with per-view probability ``solarize_p``: pixels >= 0.5 become 1 - x (what
    PIL's ``ImageOps.solarize`` does at threshold 128 on the original 8-bit values).
 6. Random erasing with probability ``erase_p`` (0 in the paper and the photo recipes):
@@ -90,7 +91,11 @@ operations per call does not grow with the batch or the number of views. Per-sam
 CPU, operations on bool tensors (``torch.where``, ``&``) are several times slower than float
 arithmetic. Large temporaries are avoided (in-place operations, one-channel temporaries) and,
 on CPU, the intermediates are reused from call to call: on some machines touching freshly
-allocated memory costs more than the arithmetic on it. ``benchmarks/augment_speed.py`` measures a call.
+allocated memory costs more than the arithmetic on it. On CPU, steps 2-7 run on chunks of
+rows of about 2 MiB (3 images of 224 px, 18 of 96 px; see ``_colour``), so that their ~30 passes
+read memory still in the cache: with 224 px views that halves their cost on one core (the whole
+batch is tens of MB), and every step being per image, the chunks give exactly the one-pass result.
+``benchmarks/augment_speed.py`` measures a call.
 
 The small ``adjust_*`` / ``rgb_to_grayscale`` / ``gaussian_blur`` / ``solarize`` functions take
 explicit per-sample factors and are what the pipeline uses; they are public so that they can
@@ -162,6 +167,9 @@ _P_BX, _P_BY = 11, 12
 _P_ERASE_TOP, _P_ERASE_LEFT, _P_ERASE_H, _P_ERASE_W = 13, 14, 15, 16  # height 0 = nothing erased
 _N_PARAMS = 17
 _NO_BLUR_SIGMA = 1e-3  # a sigma whose kernel is exactly [.., 0, 1, 0, ..] in float32
+# On CPU, steps 2-7 run on chunks of about this many float32 values (2 MiB: 3 images of 224 px, 18 of
+# 96 px), so that each of their ~30 passes reads memory still in the cache (see _colour)
+_CHUNK_FLOATS = 1 << 19
 
 
 # ---------------------------------------------------------------------------- small operations
@@ -262,11 +270,15 @@ def adjust_hue(x: torch.Tensor, shift: float | torch.Tensor, inplace: bool = Fal
     return torch.addcmul(base, k, delta, out=out)
 
 
-def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+def _gaussian_kernels(sigma: torch.Tensor, size: int, radius: torch.Tensor | None = None) -> torch.Tensor:
     """(..., size) normalised Gaussian weights, one row per sigma (torchvision's definition:
-    ``exp(-d^2 / (2 sigma^2))`` at integer offsets d from the centre, normalised to sum 1)."""
+    ``exp(-d^2 / (2 sigma^2))`` at integer offsets d from the centre, normalised to sum 1).
+    With ``radius`` (one per sigma) a row is the kernel of ``2 * radius + 1`` taps, zero beyond."""
     d = torch.arange(size, dtype=sigma.dtype, device=sigma.device) - (size - 1) / 2
-    return torch.softmax(d.square() / (-2.0 * sigma.square()).unsqueeze(-1), dim=-1)
+    logits = d.square() / (-2.0 * sigma.square()).unsqueeze(-1)
+    if radius is not None:
+        logits = logits.masked_fill(d.abs() > radius.to(sigma.device).unsqueeze(-1), float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 def _kernel_size(sigma_max: float, height: int, width: int) -> int:
@@ -276,17 +288,19 @@ def _kernel_size(sigma_max: float, height: int, width: int) -> int:
     return max(1, min(size, limit))
 
 
-def _blur_planes(planes: torch.Tensor, weights: torch.Tensor, ws: "_Workspace | None" = None) -> torch.Tensor:
+def _blur_planes(planes: torch.Tensor, weights: torch.Tensor, ws: "_Workspace | None" = None,
+                 taps: bool | None = None) -> torch.Tensor:
     """Separable blur of (P, H, W) planes with one odd, symmetric 1-D kernel (P, k) per plane;
-    reflect padding. Small kernels (radius <= 3) use shifted multiply-adds (faster than a grouped
-    convolution on CPU) and write the result into ``planes``, with temporaries from ``ws`` when
-    given; larger ones use a depthwise convolution and return a new tensor."""
+    reflect padding. On CPU, and for small kernels (radius <= 3) anywhere, shifted multiply-adds
+    write the result into ``planes``, with temporaries from ``ws`` when given: on CPU they are
+    1.5-3x faster than the depthwise convolution (measured at 13 taps on 224 px planes, Zen 4),
+    which larger kernels on a GPU use, returning a new tensor. ``taps`` forces one or the other."""
     p, h, w = planes.shape
     size = weights.shape[-1]
     r = size // 2
     if r == 0:
         return planes
-    if r > 3:
+    if not (taps if taps is not None else r <= 3 or planes.device.type == "cpu"):
         x = F.pad(planes, (r, r, r, r), mode="reflect").unsqueeze(0)  # (1, P, H+2r, W+2r)
         x = F.conv2d(x, weights.view(p, 1, 1, size), groups=p)  # (1, P, H+2r, W)
         x = F.conv2d(x, weights.view(p, 1, size, 1), groups=p)  # (1, P, H, W)
@@ -298,15 +312,8 @@ def _blur_planes(planes: torch.Tensor, weights: torch.Tensor, ws: "_Workspace | 
         return torch.empty(shape, device=planes.device, dtype=planes.dtype)
 
     wt = weights.view(p, 1, 1, size)
-    # reflect padding (as F.pad's "reflect"): columns first, then whole rows (corners included)
-    xp = tmp("pad", (p, h + 2 * r, w + 2 * r))
-    xp[:, r:r + h, r:r + w] = planes
-    for i in range(1, r + 1):
-        xp[:, r:r + h, r - i] = planes[:, :, i]
-        xp[:, r:r + h, r + w - 1 + i] = planes[:, :, w - 1 - i]
-    for i in range(1, r + 1):
-        xp[:, r - i] = xp[:, r + i]
-        xp[:, r + h - 1 + i] = xp[:, r + h - 1 - i]
+    # reflect padding: one call, 2-3x faster than copying the 4 r edge columns and rows one by one
+    xp = F.pad(planes.unsqueeze(0), (r, r, r, r), mode="reflect")[0]
     # along x, on the padded rows too (reflecting rows commutes with filtering along them)
     rows = torch.mul(xp[:, :, r:r + w], wt[..., r], out=tmp("rows", (p, h + 2 * r, w)))
     pair = tmp("pair", (p, h + 2 * r, w))
@@ -371,7 +378,7 @@ class _Workspace:
     that. On CUDA, PyTorch's caching allocator already reuses memory, so fresh tensors are
     returned. Not thread-safe: one augmenter must not be called from two threads at once."""
 
-    _MAX_BUFFERS = 32
+    _MAX_BUFFERS = 96  # chunk-sized buffers of a few shapes each (full and last chunk, gathered blur planes)
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
@@ -429,6 +436,19 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+def _chunks(n: int, per_view: int, values_per_row: int, device: torch.device):
+    """(lo, hi) row ranges of a view-major batch of ``n`` rows (``per_view`` per view) for
+    :meth:`MultiCropAugment._colour`: on CPU about ``_CHUNK_FLOATS`` values each, never across
+    two views; elsewhere one range."""
+    if device.type != "cpu":
+        yield 0, n
+        return
+    rows = max(1, _CHUNK_FLOATS // values_per_row)
+    for start in range(0, n, per_view):
+        for lo in range(start, start + per_view, rows):
+            yield lo, min(lo + rows, start + per_view)
 
 
 # ---------------------------------------------------------------------------- crop parameters
@@ -709,14 +729,9 @@ class MultiCropAugment:
                 raise ValueError(f"views must be uint8 (B, {self.channels}, {size}, {size}), got "
                                  f"{v.dtype} {tuple(v.shape)}")
         b, c = views[0].shape[:2]
-        n = nviews * b
-        xv = torch.stack(list(views)).view(n, c, size, size).to(torch.float32).div_(255.0)
+        xv = torch.empty((nviews * b, c, size, size), device=views[0].device)  # filled chunk by chunk
         d = self._draw(b, nviews, size, size, size, scale, blur_p, solar_p, generator)
-        flipped = np.flatnonzero(d["params"][_P_AX].reshape(-1) < 0)
-        if len(flipped):
-            rows = _to_device(flipped, xv.device)
-            xv.index_copy_(0, rows, xv.index_select(0, rows).flip(-1))
-        return self._colour(xv, d, _to_device(d["params"], xv.device), nviews, b, c, size)
+        return self._colour(xv, d, _to_device(d["params"], xv.device), nviews, b, c, size, source=views)
 
     # ------------------------------------------------------------------ parameters, on the CPU
     def _draw(self, b: int, nviews: int, size: int, height: int, width: int, scale: tuple[float, float],
@@ -811,15 +826,35 @@ class MultiCropAugment:
         return self._colour(xv, d, p, nviews, b, c, size)
 
     def _colour(self, xv: torch.Tensor, d: dict, p: torch.Tensor, nviews: int, b: int, c: int,
-                size: int) -> list[torch.Tensor]:
-        """Steps 2-6 (jitter, grey, blur, solarize, normalise) on the cropped views ``xv``
-        (V*B, C, S, S) float32 in [0, 1], view-major, with the draws ``d`` / ``p`` of :meth:`_draw`."""
-        cfg = self.cfg
-        device = xv.device
-        n = nviews * b
+                size: int, source: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Steps 2-7 (jitter, grey, blur, solarize, erase, normalise) in place on the cropped views
+        ``xv`` (V*B, C, S, S) float32 in [0, 1], view-major, with the draws ``d`` / ``p`` of
+        :meth:`_draw`. With ``source`` (the uint8 views of :meth:`photometric`) ``xv`` is
+        uninitialised and each chunk is first filled from it (scaled to [0, 1], flipped).
 
-        def col(i: int) -> torch.Tensor:  # a per-(view, sample) parameter, broadcast over (V*B, C, S, S)
-            return p[i].view(n, 1, 1, 1)
+        On CPU the rows go through the steps in chunks of about ``_CHUNK_FLOATS`` values: the ~30
+        passes of the steps then read and write memory that is still in the cache instead of the
+        whole batch's (77 MB for 64 images of two 224 px views), about twice as fast on one core.
+        Every step is per image (the contrast mean included), so the chunks give the result of
+        one pass over the batch (tested); the flags that skip a step are the batch's. On a GPU
+        the batch is one chunk."""
+        n = nviews * b
+        pf = p.reshape(_N_PARAMS, n)
+        for lo, hi in _chunks(n, b, c * size * size, xv.device):
+            x = xv[lo:hi]
+            if source is not None:
+                self._fill(x, source, lo, hi, b, d["params"][_P_AX].reshape(n)[lo:hi] < 0)
+            self._colour_chunk(x, d, pf[:, lo:hi], slice(lo, hi))
+        return list(xv.view(nviews, b, c, size, size).unbind(0))
+
+    def _colour_chunk(self, x: torch.Tensor, d: dict, p: torch.Tensor, rows: slice) -> None:
+        """Steps 2-7 in place on ``x``, the rows ``rows`` of the view-major batch, whose parameters
+        are ``p`` (_N_PARAMS, len(x)) on the device."""
+        cfg = self.cfg
+        m, _, size, _ = x.shape
+
+        def col(i: int) -> torch.Tensor:  # a per-(view, sample) parameter, broadcast over (m, C, S, S)
+            return p[i].view(m, 1, 1, 1)
 
         # ---- colour jitter, in one shuffled order for the batch (identity factors where not jittered)
         if cfg.jitter_p > 0 and d["jitter"]:
@@ -828,49 +863,67 @@ class MultiCropAugment:
                     continue
                 f = col(_P_BRIGHTNESS + k)
                 if k == 0:
-                    xv = adjust_brightness(xv, f, inplace=True)
+                    adjust_brightness(x, f, inplace=True)
                 elif k == 1:
-                    xv = adjust_contrast(xv, f, inplace=True)
+                    adjust_contrast(x, f, inplace=True)
                 elif k == 2:
-                    xv = adjust_saturation(xv, f, inplace=True)
+                    adjust_saturation(x, f, inplace=True)
                 else:
-                    xv = adjust_hue(xv, f, inplace=True, ws=self._ws)
+                    adjust_hue(x, f, inplace=True, ws=self._ws)
         # ---- grayscale (lerp with a 0/1 weight is exact at both ends)
         if d["gray"]:
-            xv = xv.lerp_(rgb_to_grayscale(xv).expand_as(xv), col(_P_GRAY))
+            x.lerp_(rgb_to_grayscale(x).expand_as(x), col(_P_GRAY))
         # ---- gaussian blur
-        blur = d["blur"]
+        blur = d["blur"].reshape(-1)[rows]
         if blur.any():
-            ksize = _kernel_size(float(d["sigma"][blur].max()), size, size)
-            if ksize > 1:
-                xv = self._blur(xv, p[_P_SIGMA].view(n), blur.reshape(n), ksize, self._ws)
+            blurred = self._blur(x, d["params"][_P_SIGMA].reshape(-1)[rows], blur, self._ws)
+            if blurred is not x:  # a GPU's convolution for large kernels returns a new tensor
+                x.copy_(blurred)
         # ---- solarize
         if d["solar"]:
-            xv = solarize(xv, col(_P_SOLAR), inplace=True)
-        mean, inv_std = self._normalizer.constants(device, 4, 1)
+            solarize(x, col(_P_SOLAR), inplace=True)
+        mean, inv_std = self._normalizer.constants(x.device, 4, 1)
         # ---- random erasing: a 0/1 float mask, the product of a row band and a column band
         if d["erase"]:
-            xv = xv.lerp_(mean.expand_as(xv), _box_mask(p, n, size))
-        # ---- normalise in place: xv is a new (V*B, C, S, S) tensor, so every view is a contiguous slice
-        xv = xv.sub_(mean).mul_(inv_std)
-        return list(xv.view(nviews, b, c, size, size).unbind(0))
+            x.lerp_(mean.expand_as(x), _box_mask(p, m, size))
+        # ---- normalise
+        x.sub_(mean).mul_(inv_std)
 
     @staticmethod
-    def _blur(x: torch.Tensor, sigma: torch.Tensor, blur: np.ndarray, ksize: int,
-              ws: _Workspace | None = None) -> torch.Tensor:
-        """Blur the images of ``x`` (N, C, S, S) where ``blur`` (N,) is true, with per-image ``sigma``
-        (N,) on the device (a tiny sigma, i.e. an exact identity kernel, elsewhere). When most
-        images are blurred every plane goes through the filter, else only the selected ones.
-        May work in place; returns the result."""
+    def _fill(x: torch.Tensor, views: Sequence[torch.Tensor], lo: int, hi: int, b: int, flip: np.ndarray) -> None:
+        """Rows ``lo:hi`` of the view-major batch of the uint8 ``views`` (``b`` images each) into
+        ``x``, scaled to [0, 1] and flipped horizontally where ``flip`` (bool, hi - lo) is true."""
+        for v in range(lo // b, (hi - 1) // b + 1):
+            a, z = max(lo, v * b), min(hi, (v + 1) * b)
+            x[a - lo:z - lo].copy_(views[v][a - v * b:z - v * b]).div_(255.0)  # = torch.div(u8, 255), faster
+        flipped = np.flatnonzero(flip)
+        if len(flipped):
+            idx = _to_device(flipped, x.device)
+            x.index_copy_(0, idx, x.index_select(0, idx).flip(-1))
+
+    @staticmethod
+    def _blur(x: torch.Tensor, sigma: np.ndarray, blur: np.ndarray, ws: _Workspace | None = None) -> torch.Tensor:
+        """Blur the images of ``x`` (N, C, S, S) where ``blur`` (N,) is true, each with its sigma
+        (``sigma``, (N,)) and its own kernel of ``2 * ceil(3 sigma) + 1`` taps (capped by the
+        image), zero-padded to the longest: an image's blur does not depend on which others are
+        blurred with it. In place when every image is blurred and the filter works in place
+        (always on CPU), else on the gathered images; returns the result."""
+        selected = np.flatnonzero(blur)
         n, c, h, w = x.shape
-        weights = _gaussian_kernels(sigma, ksize).repeat_interleave(c, dim=0)  # (N*C, k)
+        if not len(selected):
+            return x
+        sig = np.asarray(sigma, dtype=np.float32)[selected]
+        radius = np.minimum(np.ceil(3.0 * sig.astype(np.float64)), min(h, w) - 1).astype(np.int64)
+        size = 2 * int(radius.max()) + 1
+        if size == 1:
+            return x
+        weights = _gaussian_kernels(torch.from_numpy(sig), size, torch.from_numpy(radius))
+        weights = _to_device(weights.repeat_interleave(c, dim=0).numpy(), x.device)  # (planes, size)
         planes = x.view(n * c, h, w)
-        if blur.mean() >= 0.5:
+        if len(selected) == n:
             return _blur_planes(planes, weights, ws).view_as(x)
-        rows = np.flatnonzero(np.repeat(blur, c))
-        rows_d = _to_device(rows, x.device)
-        blurred = _blur_planes(planes.index_select(0, rows_d), weights.index_select(0, rows_d))
-        planes.index_copy_(0, rows_d, blurred)  # planes is a view of x
+        idx = _to_device((selected[:, None] * c + np.arange(c)).reshape(-1), x.device)
+        planes.index_copy_(0, idx, _blur_planes(planes.index_select(0, idx), weights, ws))
         return x
 
     @staticmethod
