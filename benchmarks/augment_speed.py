@@ -7,6 +7,14 @@
 Prints, per configuration, the best and the median milliseconds of one call over --reps calls
 (after warm-up). On CUDA every call is synchronised, so the numbers are the GPU time of one
 batch. --large adds the paper's ResNet-50 recipes (256 px images, 2 x 224 + 12 x 96 crops).
+
+    python benchmarks/augment_speed.py --threads 1 --photometric
+
+times ``MultiCropAugment.photometric`` instead, the part of the pipeline that runs on the training
+device when the photo loader cuts the views (``benchmarks/photo_loader.py``): uint8 views of the
+vit-small (2 x 224 + 6 x 96) and rn50-twoview (2 x 224) recipes, batch 64, in ms per image, with
+everything on and then with one step turned off at a time (what each step costs). On CPU with
+glibc malloc keeping freed memory, as ``twist train`` sets it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 from twist.augment import MultiCropAugment
 from twist.config import AugmentConfig
 from twist.presets import get_preset
+from twist.runtime import keep_freed_cpu_memory
 
 
 def _configs(large: bool) -> list[tuple[str, AugmentConfig, int, int]]:
@@ -59,6 +68,25 @@ def _time(fn, reps: int, device: torch.device) -> tuple[float, float]:
     return min(times) * 1e3, statistics.median(times) * 1e3
 
 
+def _photometric(reps: int, device: torch.device) -> None:
+    """ms per image of ``photometric`` for the two photo recipes, all steps and one step off at a time."""
+    off = {"everything on": {}, "without blur": dict(blur_p=(0.0, 0.0, 0.0)),
+           "without colour jitter": dict(jitter_p=0.0), "without hue": dict(hue=0.0),
+           "without jitter, grey, blur, solarize": dict(jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0),
+                                                        solarize_p=(0.0, 0.0, 0.0))}
+    batch = 64
+    for preset in ("vit-small", "rn50-twoview"):
+        base = get_preset(preset).augment
+        sizes = [base.global_size] * 2 + [base.local_size] * base.num_local
+        views = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
+        for label, change in off.items():
+            aug = MultiCropAugment(dataclasses.replace(base, **change), 3)
+            gen = torch.Generator().manual_seed(0)
+            best, median = _time(lambda: aug.photometric(views, gen), reps, device)
+            print(f"  {preset} photometric, {label:<40s} batch {batch}: best {best / batch:6.2f} ms per image   "
+                  f"median {median / batch:6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -67,10 +95,18 @@ def main() -> None:
     ap.add_argument("--large", action="store_true", help="add the 224 px ResNet-50 recipes")
     ap.add_argument("--resample", default="auto", choices=["auto", "grid", "separable"])
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table for each configuration")
+    ap.add_argument("--photometric", action="store_true",
+                    help="time MultiCropAugment.photometric on the photo recipes' views instead (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.photometric:
+        if device.type == "cpu":
+            keep_freed_cpu_memory()
+        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+        _photometric(args.reps, device)
+        return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"resample={args.resample}")
