@@ -923,7 +923,9 @@ class MultiCropAugment:
         if len(selected) == n:
             return _blur_planes(planes, weights, ws).view_as(x)
         idx = _to_device((selected[:, None] * c + np.arange(c)).reshape(-1), x.device)
-        planes.index_copy_(0, idx, _blur_planes(planes.index_select(0, idx), weights, ws))
+        # no workspace here: the gathered count varies from chunk to chunk, and a buffer per count
+        # would crowd out the reused ones
+        planes.index_copy_(0, idx, _blur_planes(planes.index_select(0, idx), weights))
         return x
 
     @staticmethod
