@@ -93,8 +93,8 @@ arithmetic. Large temporaries are avoided (in-place operations, one-channel temp
 on CPU, the intermediates are reused from call to call: on some machines touching freshly
 allocated memory costs more than the arithmetic on it. On CPU, steps 2-7 run on chunks of
 rows of about 2 MiB (3 images of 224 px, 18 of 96 px; see ``_colour``), so that their ~30 passes
-read memory still in the cache: with 224 px views that halves their cost on one core (the whole
-batch is tens of MB), and every step being per image, the chunks give exactly the one-pass result.
+read memory still in the cache: with 224 px views that makes them 1.5-1.9x faster on one core (the
+whole batch is tens of MB), and every step being per image, the chunks give exactly the one-pass result.
 ``benchmarks/augment_speed.py`` measures a call.
 
 The small ``adjust_*`` / ``rgb_to_grayscale`` / ``gaussian_blur`` / ``solarize`` functions take
@@ -378,7 +378,7 @@ class _Workspace:
     that. On CUDA, PyTorch's caching allocator already reuses memory, so fresh tensors are
     returned. Not thread-safe: one augmenter must not be called from two threads at once."""
 
-    _MAX_BUFFERS = 96  # chunk-sized buffers of a few shapes each (full and last chunk, gathered blur planes)
+    _MAX_BUFFERS = 96  # chunk-sized buffers, two shapes each per resolution (a full and the last chunk)
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
@@ -790,7 +790,7 @@ class MultiCropAugment:
             params[_P_ERASE_TOP:_P_ERASE_W + 1] = boxes
             erase = bool(boxes[2].any())
         return dict(params=params, order=order, levels=levels, jitter=bool(jitter.any()), gray=bool(gray.any()),
-                    blur=blur, sigma=sigma, solar=bool(solar.any()), affine=affine, rotation=rotation, shear=shear,
+                    blur=blur, solar=bool(solar.any()), affine=affine, rotation=rotation, shear=shear,
                     erase=erase)
 
     # ------------------------------------------------------------------ one crop resolution
@@ -834,7 +834,7 @@ class MultiCropAugment:
 
         On CPU the rows go through the steps in chunks of about ``_CHUNK_FLOATS`` values: the ~30
         passes of the steps then read and write memory that is still in the cache instead of the
-        whole batch's (77 MB for 64 images of two 224 px views), about twice as fast on one core.
+        whole batch's (77 MB for 64 images of two 224 px views), 1.5-1.9x as fast on one core.
         Every step is per image (the contrast mean included), so the chunks give the result of
         one pass over the batch (tested); the flags that skip a step are the batch's. On a GPU
         the batch is one chunk."""
