@@ -166,7 +166,6 @@ _P_SOLAR = 10
 _P_BX, _P_BY = 11, 12
 _P_ERASE_TOP, _P_ERASE_LEFT, _P_ERASE_H, _P_ERASE_W = 13, 14, 15, 16  # height 0 = nothing erased
 _N_PARAMS = 17
-_NO_BLUR_SIGMA = 1e-3  # a sigma whose kernel is exactly [.., 0, 1, 0, ..] in float32
 # On CPU, steps 2-7 run on chunks of about this many float32 values (2 MiB: 3 images of 224 px, 18 of
 # 96 px), so that each of their ~30 passes reads memory still in the cache (see _colour)
 _CHUNK_FLOATS = 1 << 19
@@ -281,11 +280,12 @@ def _gaussian_kernels(sigma: torch.Tensor, size: int, radius: torch.Tensor | Non
     return torch.softmax(logits, dim=-1)
 
 
-def _kernel_size(sigma_max: float, height: int, width: int) -> int:
-    """``2 * ceil(3 sigma) + 1`` taps, odd, capped so that reflect padding is possible."""
-    size = 2 * math.ceil(3.0 * sigma_max) + 1
-    limit = 2 * min(height, width) - 1
-    return max(1, min(size, limit))
+def _kernel_size(sigma: float | np.ndarray, height: int, width: int) -> int | np.ndarray:
+    """``2 * ceil(3 sigma) + 1`` taps, odd, capped so that reflect padding is possible; for an
+    array of sigmas an int64 array of sizes."""
+    size = 2 * np.ceil(3.0 * np.asarray(sigma, dtype=np.float64)) + 1
+    size = np.clip(size, 1, 2 * min(height, width) - 1).astype(np.int64)
+    return int(size) if size.ndim == 0 else size
 
 
 def _blur_planes(planes: torch.Tensor, weights: torch.Tensor, ws: "_Workspace | None" = None,
@@ -782,7 +782,7 @@ class MultiCropAugment:
         blur = u[..., _C_BLUR] < np.asarray(blur_p, dtype=np.float64)[:, None]
         lo_s, hi_s = cfg.blur_sigma
         sigma = (lo_s + (hi_s - lo_s) * u[..., _C_SIGMA]) * self.sigma_scale
-        params[_P_SIGMA] = np.where(blur, sigma, _NO_BLUR_SIGMA)
+        params[_P_SIGMA] = sigma  # read only where ``blur`` is drawn
         solar = u[..., _C_SOLAR] < np.asarray(solar_p, dtype=np.float64)[:, None]
         params[_P_SOLAR] = solar
         if erase:
@@ -913,7 +913,7 @@ class MultiCropAugment:
         if not len(selected):
             return x
         sig = np.asarray(sigma, dtype=np.float32)[selected]
-        radius = np.minimum(np.ceil(3.0 * sig.astype(np.float64)), min(h, w) - 1).astype(np.int64)
+        radius = _kernel_size(sig, h, w) // 2
         size = 2 * int(radius.max()) + 1
         if size == 1:
             return x
