@@ -15,6 +15,10 @@ device when the photo loader cuts the views (``benchmarks/photo_loader.py``): ui
 vit-small (2 x 224 + 6 x 96) and rn50-twoview (2 x 224) recipes, batch 64, in ms per image, with
 everything on and then with one step turned off at a time (what each step costs). On CPU with
 glibc malloc keeping freed memory, as ``twist train`` sets it.
+
+--colour picks how steps 2-7 run on a CPU (``MultiCropAugment(colour=...)``): ``auto`` (the
+default: the compiled pass of twist.fused_colour when numba imports), ``fused`` or ``tensor``
+(the batched tensor operations, as on a GPU); run both to compare.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def _time(fn, reps: int, device: torch.device) -> tuple[float, float]:
     return min(times) * 1e3, statistics.median(times) * 1e3
 
 
-def _photometric(reps: int, device: torch.device) -> None:
+def _photometric(reps: int, device: torch.device, colour: str) -> None:
     """ms per image of ``photometric`` for the two photo recipes, all steps and one step off at a time."""
     off = {"everything on": {}, "without blur": dict(blur_p=(0.0, 0.0, 0.0)),
            "without colour jitter": dict(jitter_p=0.0), "without hue": dict(hue=0.0),
@@ -80,7 +84,7 @@ def _photometric(reps: int, device: torch.device) -> None:
         sizes = [base.global_size] * 2 + [base.local_size] * base.num_local
         views = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
         for label, change in off.items():
-            aug = MultiCropAugment(dataclasses.replace(base, **change), 3)
+            aug = MultiCropAugment(dataclasses.replace(base, **change), 3, colour=colour)
             gen = torch.Generator().manual_seed(0)
             best, median = _time(lambda: aug.photometric(views, gen), reps, device)
             print(f"  {preset} photometric, {label:<40s} batch {batch}: best {best / batch:6.2f} ms per image   "
@@ -95,6 +99,8 @@ def main() -> None:
     ap.add_argument("--large", action="store_true", help="add the 224 px ResNet-50 recipes")
     ap.add_argument("--resample", default="auto", choices=["auto", "grid", "separable"])
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table for each configuration")
+    ap.add_argument("--colour", default="auto", choices=["auto", "fused", "tensor"],
+                    help="steps 2-7 on a CPU: compiled per image (fused), tensor operations, or auto (see above)")
     ap.add_argument("--photometric", action="store_true",
                     help="time MultiCropAugment.photometric on the photo recipes' views instead (see above)")
     args = ap.parse_args()
@@ -104,18 +110,19 @@ def main() -> None:
     if args.photometric:
         if device.type == "cpu":
             keep_freed_cpu_memory()
-        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-        _photometric(args.reps, device)
+        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+              f"colour={args.colour}")
+        _photometric(args.reps, device, args.colour)
         return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"resample={args.resample}")
+          f"resample={args.resample}, colour={args.colour}")
     ref = torch.rand(256 * 2 * 3 * 32 * 32, device=device)  # one float32 pass over 2 views of a CIFAR batch
     best, _ = _time(lambda: ref.mul_(1.0), args.reps, device)
     print(f"  {'reference: in-place multiply of 256 x 2 x 3 x 32 x 32 floats':<60s}           best {best:7.3f} ms")
     for label, cfg, side, batch in _configs(args.large):
         images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=device)
-        aug = MultiCropAugment(cfg, 3, resample=args.resample)
+        aug = MultiCropAugment(cfg, 3, resample=args.resample, colour=args.colour)
         gen = torch.Generator().manual_seed(0)
         best, median = _time(lambda: aug(images, gen), args.reps, device)
         print(f"  {label:<60s} batch {batch:4d}: best {best:7.2f} ms   median {median:7.2f} ms")

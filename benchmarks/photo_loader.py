@@ -15,7 +15,10 @@ A third figure times twist's loader without the photometric ops: the CPU's share
 on a GPU, as they do in GPU training. Recipes: the release multi-crop one (2 x 224 + 6 x 96, the vit-small preset's crops) and two
 views (2 x 224, the rn50-twoview preset's crops). "Per core" = images per CPU-second of all
 processes (main + workers, from getrusage), so a loader that keeps two cores busy is not
-credited twice; wall-clock images/s are printed too.
+credited twice; wall-clock images/s are printed too. Each timing includes its DataLoader's start
+(worker processes); twist's photometric call is made once on a batch of blank views before its
+timing, as the once-per-process costs of a training run are (numba loading its compiled kernels,
+the first touch of the output buffers: 0.4-0.7 s, which on 320 images would be 1-2 ms per image).
 
 Start-up: a tree of --tree-files one-byte ``.jpg`` files (1000 per folder) is listed by
 ``load_dataset`` as a streamed folder (scan=list; nothing is opened except a 64-file header
@@ -163,14 +166,17 @@ def release_loader(root: str, transform, subset: list[int], batch: int, workers:
     return _measure(run)
 
 
-def twist_loader(root: str, aug_cfg, subset_size: int, batch: int, workers: int, photometric: bool = True) -> dict:
+def twist_loader(root: str, aug_cfg, subset_size: int, batch: int, workers: int, photometric: bool = True,
+                 colour: str = "auto") -> dict:
     ds = load_dataset(root, "train", image_size=aug_cfg.global_size, max_memory_gb=1e-9, progress=False,
                       crop_size=aug_cfg.global_size)
     ds.paths, ds.labels = ds.paths[:subset_size], ds.labels[:subset_size] if ds.labels is not None else None
     plan = ViewPlan.multicrop(aug_cfg.global_size, aug_cfg.local_size, aug_cfg.num_local, aug_cfg.global_scale,
                               aug_cfg.local_scale, aug_cfg.ratio, aug_cfg.interpolation, 0)
-    augment = MultiCropAugment(aug_cfg, ds.channels, *IMAGENET_STATS)
+    augment = MultiCropAugment(aug_cfg, ds.channels, *IMAGENET_STATS, colour=colour)
     gen = torch.Generator().manual_seed(0)
+    if photometric:  # once per process, not per image: numba loads (or compiles) the kernels, memory is touched
+        augment.photometric([torch.zeros((batch, ds.channels, s, s), dtype=torch.uint8) for s in plan.sizes], gen)
 
     def run() -> int:
         n = 0
@@ -241,10 +247,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "twist_photo_bench"),
                     help="where the synthetic folder and tree are made (kept for the next run)")
     ap.add_argument("--photos", type=int, default=2000, help="synthetic photos to make")
-    ap.add_argument("--images", type=int, default=320, help="images timed per loader and recipe")
+    ap.add_argument("--images", type=int, default=640, help="images timed per loader and recipe")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--tree-files", type=int, default=100_000)
+    ap.add_argument("--colour", default="auto", choices=["auto", "fused", "tensor"],
+                    help="how twist's photometric steps run on this CPU (MultiCropAugment(colour=...)): the "
+                         "compiled pass of twist.fused_colour, tensor operations, or auto (fused when numba imports)")
     ap.add_argument("--part", choices=["all", "loaders", "startup"], default="all",
                     help="measure both parts (the JSON's speedups need 'loaders', its start-up ratios 'startup')")
     args = ap.parse_args(argv)
@@ -261,11 +270,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     mc, tv = get_preset("vit-small").augment, get_preset("rn50-twoview").augment
     result: dict = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "colour": MultiCropAugment(mc, 3, colour=args.colour).colour_path(torch.device("cpu")),
                     "workers": args.workers, "batch": args.batch, "images": args.images}
     for name, cfg in (("multicrop", mc), ("twoview", tv)) if args.part != "startup" else ():
         rel = release_loader(str(root), release_views(cfg.global_scale, cfg.local_scale, cfg.num_local),
                              subset, args.batch, args.workers)
-        tw = twist_loader(str(root), cfg, args.images, args.batch, args.workers)
+        tw = twist_loader(str(root), cfg, args.images, args.batch, args.workers, colour=args.colour)
         cut = twist_loader(str(root), cfg, args.images, args.batch, args.workers, photometric=False)
         result[name] = {"release": rel, "twist": tw, "twist_views_only": cut}
         result[f"{name}_speedup"] = round(tw["images_per_cpu_s"] / rel["images_per_cpu_s"], 2)

@@ -1,4 +1,5 @@
-"""Tests of the CPU's chunked colour steps (``MultiCropAugment._colour``): every step is per image,
+"""Tests of the CPU's chunked colour steps of the tensor path (``MultiCropAugment._colour`` with
+``colour="tensor"``; the compiled path is tests/test_fused_colour.py): every step is per image,
 so working through the batch a few rows at a time (to stay in the cache) must give exactly what
 one pass over the whole batch gives, for views cut in memory and at decode time alike; and the
 chunks cover every row once, never across two views."""
@@ -38,12 +39,12 @@ def test_chunks_give_the_one_pass_result(monkeypatch, floats):
     images = torch.randint(0, 256, (11, 3, 40, 36), generator=_gen(1), dtype=torch.uint8)
 
     def in_memory():
-        return MultiCropAugment(cfg, 3, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3])(images, _gen(5))
+        return MultiCropAugment(cfg, 3, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], colour="tensor")(images, _gen(5))
 
     def at_decode_time():  # uint8 views as the photo loader cuts them
         views = [torch.randint(0, 256, (11, 3, s, s), generator=_gen(10 + i), dtype=torch.uint8)
                  for i, s in enumerate([24, 24, 12, 12, 12])]
-        return MultiCropAugment(cfg, 3, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]).photometric(views, _gen(5))
+        return MultiCropAugment(cfg, 3, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], colour="tensor").photometric(views, _gen(5))
 
     for make in (in_memory, at_decode_time):
         whole = _with_chunk(monkeypatch, 1 << 40, make)  # one chunk per view
@@ -60,8 +61,8 @@ def test_the_chunked_steps_change_every_view():
     off = dataclasses.replace(cfg, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0),
                               solarize_p=(0.0, 0.0, 0.0), erase_p=0.0)
     images = torch.randint(0, 256, (11, 3, 40, 36), generator=_gen(1), dtype=torch.uint8)
-    on_views = MultiCropAugment(cfg, 3)(images, _gen(5))
-    off_views = MultiCropAugment(off, 3)(images, _gen(5))
+    on_views = MultiCropAugment(cfg, 3, colour="tensor")(images, _gen(5))
+    off_views = MultiCropAugment(off, 3, colour="tensor")(images, _gen(5))
     for a, b in zip(on_views, off_views):
         assert ((a - b).abs().flatten(1).amax(1) > 1e-3).float().mean() > 0.5
 
