@@ -862,9 +862,11 @@ class MultiCropAugment:
         :meth:`_draw`. With ``source`` (the uint8 views of :meth:`photometric`) ``xv`` is
         uninitialised and each chunk is first filled from it (scaled to [0, 1], flipped).
 
-        On CPU the rows go through the steps in chunks of about ``_CHUNK_FLOATS`` values: the ~30
-        passes of the steps then read and write memory that is still in the cache instead of the
-        whole batch's (77 MB for 64 images of two 224 px views), 1.5-1.9x as fast on one core.
+        Where :meth:`colour_path` says "fused" (a CPU with numba) the views go to
+        :meth:`_colour_fused` instead. The tensor path on a CPU takes the rows through the steps
+        in chunks of about ``_CHUNK_FLOATS`` values: the ~30 passes of the steps then read and
+        write memory that is still in the cache instead of the whole batch's (77 MB for 64
+        images of two 224 px views), 1.5-1.9x as fast on one core.
         Every step is per image (the contrast mean included), so the chunks give the result of
         one pass over the batch (tested); the flags that skip a step are the batch's. On a GPU
         the batch is one chunk."""

@@ -22,8 +22,11 @@ result does not depend on how it is split.
 
 numba compiles the kernels on first use (a few seconds, then cached on disk, ``cache=True``).
 Without numba (:func:`available` is false: not installed, or a Python it does not support yet)
-the tensor path runs instead. The kernel is single-threaded: even at 224 px it costs about
-0.5 ms per image for two views, small next to a CPU training step.
+the tensor path runs instead. The kernel is single-threaded: at 224 px it costs about 0.5 ms
+per image for two views, small next to a CPU training step, and with two threads on two cores it
+still beats the tensor path's two threads (docs/benchmarks.md). Splitting a batch over Python
+threads (the kernel releasing the GIL) was tried and was slower there: torch's OpenMP threads
+keep spinning after each operation and take the cores the kernel's threads need.
 """
 
 from __future__ import annotations
