@@ -558,10 +558,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from twist.logs import configure_logging
     from twist.preempt import PREEMPTED_EXIT_CODE, Preempted
-    from twist.train import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors exit here, before torch is imported
+    from twist.stage import TrainingError
     configure_logging(int(args.verbose) - int(args.quiet))
     try:
         return int(args.func(args) or 0)
