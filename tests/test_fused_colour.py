@@ -185,6 +185,14 @@ def test_every_preset_agrees_with_the_tensor_path(name):
             _assert_paths_agree(*_both_paths(cfg, channels, None, views))
 
 
+def test_colour_path_by_device_and_option():
+    cfg = _everything_on()
+    assert MultiCropAugment(cfg, 3).colour_path(torch.device("cpu")) == "fused"
+    assert MultiCropAugment(cfg, 3, colour="tensor").colour_path(torch.device("cpu")) == "tensor"
+    for device in ("cuda", "meta"):  # only CPUs run the kernel
+        assert MultiCropAugment(cfg, 3, colour="fused").colour_path(torch.device(device)) == "tensor"
+
+
 # ---------------------------------------------------------------------------- without numba
 def test_without_numba_auto_is_the_tensor_path(monkeypatch):
     cfg = _everything_on()

@@ -117,7 +117,6 @@ import torch
 import torch.nn.functional as F
 
 from twist import fused_colour
-
 from twist.config import AugmentConfig
 from twist.data.crops import fallback_box
 
