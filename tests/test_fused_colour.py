@@ -206,3 +206,26 @@ def test_without_numba_auto_is_the_tensor_path(monkeypatch):
         MultiCropAugment(cfg, 3, colour="fused")
     with pytest.raises(ValueError, match="colour must be"):
         MultiCropAugment(cfg, 3, colour="numba")
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """A read-only install without a writable home: numba refuses cache=True when decorating
+    (checked for real as an unprivileged user with HOME=/nonexistent: import twist.augment
+    failed before); the kernels are then compiled uncached. numba stands in here, because as
+    root every folder is writable."""
+    calls = []
+
+    class NoCacheNumba:
+        @staticmethod
+        def njit(**options):
+            calls.append(options)
+            if options.get("cache"):
+                raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+            return lambda fn: ("compiled", fn)
+
+    def f():
+        return None
+
+    monkeypatch.setattr(fused_colour, "numba", NoCacheNumba)
+    assert fused_colour._jit(inline="always")(f) == ("compiled", f)
+    assert calls == [{"cache": True, "inline": "always"}, {"inline": "always"}]

@@ -20,7 +20,8 @@ where torch sums its own way), so the two paths agree to about 1e-6 (tests/test_
 compares them on every preset's recipe), not bit for bit. Images are independent: a batch's
 result does not depend on how it is split.
 
-numba compiles the kernels on first use (a few seconds, then cached on disk, ``cache=True``).
+numba compiles the kernels on first use (5-9 s here, then cached on disk, ``cache=True``; where no
+cache folder can be written, in every process).
 Without numba (:func:`available` is false: not installed, or a Python it does not support yet)
 the tensor path runs instead. The kernel is single-threaded: at 224 px it costs about 0.5 ms
 per image for two views, small next to a CPU training step, and with two threads on two cores it
@@ -54,9 +55,19 @@ def available() -> bool:
 
 
 def _jit(**options):
+    """numba's ``njit`` with its on-disk cache where one can be written (beside this file or in
+    the user's cache folder); without one (a read-only install and no writable home) numba
+    refuses ``cache=True`` when decorating, and the kernels are compiled in every process instead."""
     if numba is None:
         return lambda fn: fn
-    return numba.njit(cache=True, **options)
+
+    def decorate(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(**options)(fn)
+
+    return decorate
 
 
 @_jit(inline="always")
