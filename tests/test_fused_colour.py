@@ -15,8 +15,8 @@ import torch
 
 from test_augment_chunks import _everything_on
 from twist import fused_colour
-from twist.augment import (MultiCropAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
-                           gaussian_blur, rgb_to_grayscale, solarize)
+from twist.augment import (MultiCropAugment, _blur_kernels, adjust_brightness, adjust_contrast, adjust_hue,
+                           adjust_saturation, gaussian_blur, rgb_to_grayscale, solarize)
 from twist.presets import PRESETS, get_preset
 
 pytestmark = pytest.mark.skipif(not fused_colour.available(), reason="numba is not installed")
@@ -39,17 +39,8 @@ def _kernel(x: torch.Tensor, source=None, flip=None, factors=None, order=(), gre
     """One call of colour_views on a copy of x (mean 0, std 1, so normalising changes nothing)."""
     m, c, h, w = x.shape
     out = x.clone().numpy()
-    if sigma is None:
-        radius, weights = np.zeros(m, np.int64), np.zeros((m, 1), np.float32)
-    else:
-        radius = np.array([min(int(np.ceil(3 * s)), min(h, w) - 1) if s > 0 else 0 for s in sigma])
-        size = 2 * radius.max() + 1
-        weights = np.zeros((m, size), np.float32)
-        for i, s in enumerate(sigma):
-            if radius[i]:
-                d = np.arange(-radius[i], radius[i] + 1)
-                k = torch.softmax(torch.tensor(-(d ** 2) / (2.0 * s * s), dtype=torch.float32), 0).numpy()
-                weights[i, size // 2 - radius[i]:size // 2 + radius[i] + 1] = k
+    sigma = np.zeros(m) if sigma is None else np.asarray(sigma)
+    _, radius, weights = _blur_kernels(sigma, sigma > 0, h, w)
     fused_colour.colour_views(
         out, None if source is None else source.numpy(), np.zeros(m, bool) if flip is None else flip,
         np.tile(np.array([[1.0], [1.0], [1.0], [0.0]], np.float32), (1, m)) if factors is None else factors,

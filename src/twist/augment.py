@@ -295,16 +295,18 @@ def _kernel_size(sigma: float | np.ndarray, height: int, width: int) -> int | np
 
 def _blur_kernels(sigma: np.ndarray, blur: np.ndarray, height: int, width: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For the images where ``blur`` (N,) is true: their indices, their kernel radii (from
-    :func:`_kernel_size` of their ``sigma``) and their kernels as float32 (len, 2 max(radius) + 1),
-    each zero-padded beyond its own radius."""
+    """The indices of the images where ``blur`` (N,) is true, and for all N images their kernel
+    radius (from :func:`_kernel_size` of their ``sigma``; 0 where not blurred) and kernel as
+    float32 (N, 2 max(radius) + 1), each zero beyond its own radius (all zero where not blurred)."""
     selected = np.flatnonzero(blur)
     sig = np.asarray(sigma, dtype=np.float32)[selected]
-    radius = _kernel_size(sig, height, width) // 2
-    size = 2 * int(radius.max(initial=0)) + 1
-    if not len(selected):
-        return selected, radius, np.zeros((0, size), np.float32)
-    return selected, radius, _gaussian_kernels(torch.from_numpy(sig), size, torch.from_numpy(radius)).numpy()
+    radius = np.zeros(len(blur), np.int64)
+    radius[selected] = _kernel_size(sig, height, width) // 2
+    weights = np.zeros((len(blur), 2 * int(radius.max(initial=0)) + 1), np.float32)
+    if len(selected):
+        weights[selected] = _gaussian_kernels(torch.from_numpy(sig), weights.shape[1],
+                                              torch.from_numpy(radius[selected])).numpy()
+    return selected, radius, weights
 
 
 def _blur_planes(planes: torch.Tensor, weights: torch.Tensor, ws: "_Workspace | None" = None,
@@ -895,9 +897,7 @@ class MultiCropAugment:
         params = d["params"].reshape(_N_PARAMS, n)
         jitter = self.cfg.jitter_p > 0 and d["jitter"]
         order = np.array([k for k in d["order"] if k in self._jitter_ops] if jitter else [], dtype=np.int64)
-        selected, radius_sel, kernels = _blur_kernels(params[_P_SIGMA], d["blur"].reshape(n), size, size)
-        radius, weights = np.zeros(n, np.int64), np.zeros((n, kernels.shape[1]), np.float32)
-        radius[selected], weights[selected] = radius_sel, kernels
+        _, radius, weights = _blur_kernels(params[_P_SIGMA], d["blur"].reshape(n), size, size)
         mean, inv_std = (t.reshape(-1).numpy() for t in self._normalizer.constants(xv.device, 4, 1))
         x = xv.numpy()
         for v in range(nviews):
@@ -906,15 +906,14 @@ class MultiCropAugment:
                 x[rows], None if source is None else source[v].contiguous().numpy(), params[_P_AX, rows] < 0,
                 params[_P_BRIGHTNESS:_P_HUE + 1, rows], order, params[_P_GRAY, rows] > 0, weights[rows],
                 radius[rows], params[_P_SOLAR, rows] > 0, mean, inv_std, not d["erase"], _GRAY_WEIGHTS)
-        if d["erase"]:
-            mean_t, inv_std_t = self._normalizer.constants(xv.device, 4, 1)
-            xv.lerp_(mean_t.expand_as(xv), _box_mask(p, n, size)).sub_(mean_t).mul_(inv_std_t)
+        if d["erase"]:  # the kernel left [0, 1] values
+            self._erase_and_normalise(xv, True, p)
 
     def _colour_chunk(self, x: torch.Tensor, d: dict, p: torch.Tensor, rows: slice) -> None:
         """Steps 2-7 in place on ``x``, the rows ``rows`` of the view-major batch, whose parameters
         are ``p`` (_N_PARAMS, len(x)) on the device."""
         cfg = self.cfg
-        m, _, size, _ = x.shape
+        m = x.shape[0]
 
         def col(i: int) -> torch.Tensor:  # a per-(view, sample) parameter, broadcast over (m, C, S, S)
             return p[i].view(m, 1, 1, 1)
@@ -945,11 +944,15 @@ class MultiCropAugment:
         # ---- solarize
         if d["solar"]:
             solarize(x, col(_P_SOLAR), inplace=True)
+        self._erase_and_normalise(x, d["erase"], p)
+
+    def _erase_and_normalise(self, x: torch.Tensor, erase: bool, p: torch.Tensor) -> None:
+        """Steps 6-7 in place on ``x`` (M, C, S, S) in [0, 1], whose parameters are ``p``
+        (_N_PARAMS, M): random erasing (a 0/1 float mask, the product of a row band and a column
+        band, filled with the mean) where drawn, then ``(x - mean) / std``."""
         mean, inv_std = self._normalizer.constants(x.device, 4, 1)
-        # ---- random erasing: a 0/1 float mask, the product of a row band and a column band
-        if d["erase"]:
-            x.lerp_(mean.expand_as(x), _box_mask(p, m, size))
-        # ---- normalise
+        if erase:
+            x.lerp_(mean.expand_as(x), _box_mask(p, x.shape[0], x.shape[-1]))
         x.sub_(mean).mul_(inv_std)
 
     @staticmethod
@@ -975,7 +978,7 @@ class MultiCropAugment:
         selected, _, weights = _blur_kernels(sigma, blur, h, w)
         if not len(selected) or weights.shape[1] == 1:
             return x
-        weights = _to_device(np.repeat(weights, c, axis=0), x.device)  # (planes, size)
+        weights = _to_device(np.repeat(weights[selected], c, axis=0), x.device)  # (planes, size)
         planes = x.view(n * c, h, w)
         if len(selected) == n:
             return _blur_planes(planes, weights, ws).view_as(x)
