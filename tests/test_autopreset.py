@@ -114,6 +114,34 @@ def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path,
     assert spaced.train.epochs == fixed.train.epochs
 
 
+def test_a_slow_cpu_narrows_the_convnet_to_fit_more_epochs(tmp_path, monkeypatch):
+    make_photos(tmp_path / "photos")
+    monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
+    wide = get_preset("photo-cpu").model.small_cnn_width
+    rates = {wide: 2.0, autopreset.CPU_NARROW_WIDTH: 5.0}  # images/s on 100 photos: 24 and 61 epochs
+    measured = []
+    monkeypatch.setattr(autopreset, "measure_images_per_s",
+                        lambda cfg, channels, steps=2: measured.append(cfg.model.small_cnn_width)
+                        or rates[cfg.model.small_cnn_width])
+    assert autopreset.budget_epochs(100, 2.0) < autopreset.CPU_MIN_EPOCHS <= autopreset.budget_epochs(100, 5.0)
+    cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
+    assert measured == [wide, autopreset.CPU_NARROW_WIDTH]
+    assert cfg.model.small_cnn_width == autopreset.CPU_NARROW_WIDTH
+    assert cfg.train.epochs == autopreset.budget_epochs(100, 5.0) and "5 images/s" in reasons[-1]
+    assert f"width {wide} -> {autopreset.CPU_NARROW_WIDTH}" in reasons[-2]
+    assert f"only {autopreset.budget_epochs(100, 2.0)} epochs" in reasons[-2]
+    # a CPU fast enough for CPU_MIN_EPOCHS at the recipe's width keeps it, measured once
+    measured.clear()
+    rates[wide] = 4.0
+    kept, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
+    assert measured == [wide] and kept.model.small_cnn_width == wide and len(reasons) == 3
+    # a width the user gives is never changed, however slow (the caller applies it)
+    measured.clear()
+    rates.update({24: 1.0})
+    given, _ = autopreset.auto_preset(str(tmp_path / "photos"), ["model.small_cnn_width=24"])
+    assert measured == [24] and given.model.small_cnn_width == wide
+
+
 def make_photos(root, n_per_class: int = 50, seed: int = 0) -> None:
     """JPEGs of varied sizes and aspects (90-300 px a side) in two class folders."""
     rng = np.random.default_rng(seed)

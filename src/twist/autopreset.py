@@ -18,7 +18,10 @@ The rules (docs/results.md, "The photo default", holds the measurements behind t
   folder is streamed), with C = the number of class folders when there are some. Its epochs are
   then fitted by :func:`auto_preset` to CPU_BUDGET_MIN minutes at the training speed measured on
   this machine (a few seconds of timed steps): CPUs differ about 9x (AVX512-BF16 or not), so a
-  fixed number of epochs would either run for an hour or leave most of the budget unused;
+  fixed number of epochs would either run for an hour or leave most of the budget unused. Where
+  the budget holds fewer than CPU_MIN_EPOCHS epochs, the convnet is narrowed to
+  CPU_NARROW_WIDTH (measured again): on such a CPU more epochs of a narrower network score
+  higher than fewer of the wider one;
 * photos on a GPU (``photo-gpu``): the release's ResNet-50 multi-crop recipe at 224 px (2 x 224
   + 12 x 96 px, LARS, self-labeling), per-GPU batch 128 with 32 GiB or more (64 with 16, else
   32), epochs from a budget of GPU_BUDGET_H hours at an ASSUMED (not yet measured here)
@@ -65,6 +68,17 @@ photos at 224 px on the slower one the whole command took 18 min 53 s with a 20-
 CPU_MAX_EPOCHS = 100
 """At most this many epochs for the CPU photo recipe (small folders: a budget for ~100 epochs is
 spent on more epochs of the same images with little left to gain)."""
+CPU_MIN_EPOCHS = 40
+"""Fewer epochs than this in the budget at the CPU photo recipe's width, and the recipe takes
+CPU_NARROW_WIDTH instead (unless ``model.small_cnn_width`` is given): on a CPU that slow, epochs
+count for more than width. Measured on an AMD EPYC without AVX-512 (float32), 10,000 photos at
+224 px, the default budget: width 32 got 22 epochs and ACC 0.370 / kNN 0.538, width 16
+got 56 epochs and ACC 0.449 / kNN 0.588; on a CPU with AVX512-BF16 width 32 gets 64-77 epochs
+and 0.54-0.57 / 0.65-0.68, so it keeps its width (docs/results.md, "photo-cpu on a CPU without
+AVX-512")."""
+CPU_NARROW_WIDTH = 16
+"""The CPU photo recipe's convnet width on slow CPUs (CPU_MIN_EPOCHS): 2.2-2.5x the training
+images per second of width 32 (a quarter of the multiply-adds)."""
 STEP_EFFICIENCY = 0.85
 """Training images per second over the model-only rate :func:`measure_images_per_s` measures: the
 batched augmentation, the loss and the bookkeeping (0.92-0.97 measured for photo-cpu on 10,000
@@ -308,8 +322,7 @@ def auto_preset(spec: str, overrides: Sequence[str] = (), data: DataSummary | No
     cfg, reasons = choose_preset(data, device_info(device))
     fixed_epochs = override_value(overrides, "train.epochs") is not None
     if cfg.preset == "photo-cpu" and data.count and not fixed_epochs:
-        rate = measure_images_per_s(apply_overrides(copy.deepcopy(cfg), list(overrides)), data.channels)
-        cfg.train.epochs = budget_epochs(data.count, rate)
+        rate = _fit_cpu_budget(cfg, data, overrides, reasons)
         cfg.train.eval_every = spaced_evaluations(cfg.train.epochs, cfg.train.eval_every)
         _fit_warmup(cfg)
         minutes = cfg.train.epochs * data.count / (rate * STEP_EFFICIENCY) / 60
@@ -317,6 +330,30 @@ def auto_preset(spec: str, overrides: Sequence[str] = (), data: DataSummary | No
                        f"so about {minutes:.0f} min of training (budget {CPU_BUDGET_MIN:g} min, at most "
                        f"{CPU_MAX_EPOCHS} epochs; --epochs N to choose)")
     return cfg.validate(), reasons
+
+
+def _fit_cpu_budget(cfg: TwistConfig, data: DataSummary, overrides: Sequence[str], reasons: list[str]) -> float:
+    """Set ``cfg``'s epochs to the CPU budget at the speed measured here (with ``overrides``
+    applied), first narrowing the convnet to CPU_NARROW_WIDTH when its own width would get fewer
+    than CPU_MIN_EPOCHS and no width is given; returns the measured images per second."""
+    def measured(width: int | None) -> float:
+        trial = copy.deepcopy(cfg)
+        if width is not None:
+            trial.model.small_cnn_width = width
+        return measure_images_per_s(apply_overrides(trial, list(overrides)), data.channels)
+
+    rate = measured(None)
+    cfg.train.epochs = budget_epochs(data.count, rate)
+    width = cfg.model.small_cnn_width
+    if (cfg.train.epochs < CPU_MIN_EPOCHS and CPU_NARROW_WIDTH < width
+            and override_value(overrides, "model.small_cnn_width") is None):
+        wide_epochs, rate = cfg.train.epochs, measured(CPU_NARROW_WIDTH)
+        cfg.model.small_cnn_width = CPU_NARROW_WIDTH
+        cfg.train.epochs = budget_epochs(data.count, rate)
+        reasons.append(f"convnet width {width} -> {CPU_NARROW_WIDTH}: at width {width} this CPU fits only "
+                       f"{wide_epochs} epochs in the budget (fewer than {CPU_MIN_EPOCHS}), and on a CPU this slow "
+                       f"epochs count for more than width (model.small_cnn_width=N to choose)")
+    return rate
 
 
 def spaced_evaluations(epochs: int, every: int) -> int:
