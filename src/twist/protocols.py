@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twist.config import ConfigError
-from twist.data import DataError, ImageDataset, load_dataset
+from twist.data import DataError, ImageDataset, PathTable, load_dataset
 from twist.evaluate import topk_correct
 from twist.io import write_text_atomic
 
@@ -160,7 +160,7 @@ def subset_dataset(ds: ImageDataset, indices: Sequence[int] | np.ndarray, name: 
     """
     idx = np.asarray(indices, dtype=np.int64)
     images = ds.images.index_select(0, torch.from_numpy(idx)) if ds.images is not None else None
-    paths = [ds.paths[i] for i in idx] if ds.paths is not None else None
+    paths = PathTable.of(ds.paths).take(idx) if ds.paths is not None else None
     labels = ds.labels[idx] if ds.labels is not None else None
     return ImageDataset(name=name or ds.name, channels=ds.channels, size=ds.size, images=images, labels=labels,
                         class_names=ds.class_names, paths=paths, kind=ds.kind, max_pixels=ds.max_pixels)

@@ -43,8 +43,10 @@ class ImageDataset:
     labels: np.ndarray | None = None
     """(N,) int64, or None when the source has no labels."""
     class_names: list[str] | None = None
-    paths: list[str] | None = None
-    """File of each image (folders only), in the same order as the images."""
+    paths: Sequence[str] | None = None
+    """File of each image (folders; member names for tar shards), in the same order as the
+    images: a :class:`twist.data.paths.PathTable` (no Python object per path, so DataLoader
+    workers do not copy it page by page as they read it)."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of every file or directory left out (see the module docstring)."""
     kind: str = "array"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ import torch
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import decode_image, display_path, failure_reason, probe_image
 from twist.data.listing import Listing, list_tree, read_index, write_index
+from twist.data.paths import PathTable
 from twist.data.threads import num_threads, ordered_map
 
 logger = logging.getLogger(__name__)
@@ -87,12 +89,12 @@ def _labelled(root: str, skips: _Skips, name: str, listing: Listing | None) -> t
         logger.warning("%s: %d image(s) directly in the top folder are left out: with class sub-folders, "
                        "labels come from the sub-folders", name, len(outside))
         keep = np.flatnonzero(labels >= 0)
-        listing = listing._replace(paths=[paths[i] for i in keep])
+        listing = listing._replace(paths=paths.take(keep))
         labels = labels[keep]
     return listing, labels, class_names
 
 
-def _probe_all(paths: list[str], max_pixels: int, progress: bool, desc: str) -> list[tuple[int, int, bool] | str]:
+def _probe_all(paths: Sequence[str], max_pixels: int, progress: bool, desc: str) -> list[tuple[int, int, bool] | str]:
     """Header of every file (size, grey or colour, pixel limit, PNG CRCs), or the reason it is bad."""
     def probe(path: str) -> tuple[int, int, bool] | str:
         try:
@@ -115,7 +117,7 @@ def _geometry(infos: list[tuple[int, int, bool]], image_size: int, name: str) ->
     return channels, (side, side)
 
 
-def _sample_infos(paths: list[str], max_pixels: int) -> list[tuple[int, int, bool]]:
+def _sample_infos(paths: Sequence[str], max_pixels: int) -> list[tuple[int, int, bool]]:
     """Headers of a seeded sample of up to SAMPLE_HEADERS files (bad ones left out)."""
     rng = np.random.default_rng(0)
     pick = rng.choice(len(paths), size=min(SAMPLE_HEADERS, len(paths)), replace=False)
@@ -158,18 +160,18 @@ def load_folder(root: str, image_size: int, bad_files: str, max_memory_gb: float
     if use_index:
         prefix = os.path.join(root, "")  # every listed path starts with it (relpath is 20x slower)
         write_index(index_path, root, listing, settings, {
-            "paths": [p[len(prefix):] for p in ds.paths], "labels": labels.tolist(),
+            "paths": [p[len(prefix):] for p in paths], "labels": labels.tolist(),
             "class_names": class_names, "channels": channels, "size": list(size),
             "skipped": [list(item) for item in skips.items]})
     return ds
 
 
-def _streamed(name: str, paths: list[str], labels: np.ndarray, class_names: list[str], channels: int, size: tuple[int, int],
+def _streamed(name: str, paths: Sequence[str], labels: np.ndarray, class_names: list[str], channels: int, size: tuple[int, int],
               max_pixels: int, crop_size: int) -> ImageDataset:
     """A streamed folder dataset; with ``crop_size`` its batches (evaluation) are photos' centre
     crops: the shorter side resized to round(crop_size / 0.875), then the centre crop_size square."""
     ds = ImageDataset(name=name, channels=channels, size=size, labels=labels if class_names else None,
-                      class_names=class_names or None, paths=paths, kind="folder", max_pixels=max_pixels)
+                      class_names=class_names or None, paths=PathTable.of(paths), kind="folder", max_pixels=max_pixels)
     if crop_size > 0:
         ds.size = (crop_size, crop_size)
         ds.resize_side = int(round(crop_size / EVAL_CROP_FRACTION))
@@ -180,7 +182,7 @@ def _from_index(index: dict, root: str, name: str, max_pixels: int) -> ImageData
     """The streamed dataset a run's index file describes (a resumed run lists nothing)."""
     rels = index["paths"]
     prefix = os.path.join(root, "")
-    paths = (prefix + ("\0" + prefix).join(rels)).split("\0") if rels else []  # one join, not one per file
+    paths = PathTable(prefix + ("\0" + prefix).join(rels), len(rels))  # one join, not one per file
     labels = np.asarray(index["labels"], dtype=np.int64)
     settings = index["settings"]
     ds = _streamed(name, paths, labels, list(index["class_names"]), int(index["channels"]), tuple(index["size"]),
@@ -190,7 +192,7 @@ def _from_index(index: dict, root: str, name: str, max_pixels: int) -> ImageData
     return ds
 
 
-def _checked(root: str, name: str, paths: list[str], labels: np.ndarray, class_names: list[str], skips: _Skips,
+def _checked(root: str, name: str, paths: Sequence[str], labels: np.ndarray, class_names: list[str], skips: _Skips,
              image_size: int, max_memory_gb: float, progress: bool, max_pixels: int, crop_size: int) -> ImageDataset:
     """Every header checked first (train.scan=full, and folders small enough for memory), then
     either streamed or decoded completely."""
@@ -217,12 +219,12 @@ def _checked(root: str, name: str, paths: list[str], labels: np.ndarray, class_n
     return _decode_all(root, name, paths, labels, class_names, channels, size, skips, progress, max_pixels)
 
 
-def _decode_all(root: str, name: str, paths: list[str], labels: np.ndarray, class_names: list[str], channels: int,
+def _decode_all(root: str, name: str, paths: Sequence[str], labels: np.ndarray, class_names: list[str], channels: int,
                 size: tuple[int, int], skips: _Skips, progress: bool, max_pixels: int) -> ImageDataset:
     """Decode every image into one preallocated (N, C, H, W) array (threads)."""
     labels = labels if class_names else None
     ds = ImageDataset(name=name, channels=channels, size=size, labels=labels,
-                      class_names=class_names or None, paths=paths, kind="folder", max_pixels=max_pixels)
+                      class_names=class_names or None, paths=PathTable.of(paths), kind="folder", max_pixels=max_pixels)
     arr = np.empty((len(paths), channels, size[0], size[1]), dtype=np.uint8)
 
     def work(i: int) -> str | None:
@@ -247,7 +249,7 @@ def _decode_all(root: str, name: str, paths: list[str], labels: np.ndarray, clas
             if dst != src:
                 arr[dst] = arr[src]
         arr = arr[: len(keep_idx)]
-        ds.paths = [paths[i] for i in keep_idx]
+        ds.paths = ds.paths.take(keep_idx)
         if labels is not None:
             ds.labels = labels[keep_idx]
     ds.images = torch.from_numpy(arr)

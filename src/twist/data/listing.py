@@ -25,6 +25,7 @@ import os
 from typing import Any, Callable, NamedTuple
 
 from twist.checkpoint import atomic_write
+from twist.data.paths import PathTable
 
 INDEX_VERSION = 2
 
@@ -36,7 +37,8 @@ class Listing(NamedTuple):
 
     root: str
     """The folder listed, as given (the paths start with it)."""
-    paths: list[str]
+    paths: PathTable
+    """The candidate image files, packed (twist.data.paths: no Python object per path)."""
     runs: list[tuple[str, int]]
     """(first-level folder, number of consecutive paths in it), in path order."""
     folder_times: dict[str, int]
@@ -54,7 +56,7 @@ def list_tree(root: str, extensions: frozenset[str], reason: Callable[[OSError],
     and the entries left out with their reasons; ``reason`` words an OSError.
     Per plain file: no system call beyond the folder's listing, and, for the usual folder of
     files with one extension, no Python statement either (see :func:`_all_images`)."""
-    paths: list[str] = []
+    chunks: list[str] = []  # per folder: its files' full paths joined by NULs
     runs: list[tuple[str, int]] = []
     times: dict[str, int] = {}
     left_out: list[tuple[str, str, bool]] = []
@@ -66,14 +68,14 @@ def list_tree(root: str, extensions: frozenset[str], reason: Callable[[OSError],
         st = os.stat(root)
     except OSError as exc:
         bad(root, f"cannot list directory: {reason(exc)}")
-        return Listing(root, paths, runs, times, left_out)
+        return Listing(root, PathTable(), runs, times, left_out)
     seen = {(st.st_dev, st.st_ino)}
     times["."] = st.st_mtime_ns
     skip = len(os.path.join(root, ""))
 
     def add(files: list[str], prefix: str, label: str) -> None:
-        if files:  # the full paths made by one join and one split, not a Python loop
-            paths.extend((prefix + ("\0" + prefix).join(files)).split("\0"))
+        if files:  # the full paths made by one join, not a Python loop (nor a str per path)
+            chunks.append(prefix + ("\0" + prefix).join(files))
             runs.append((label, len(files)))
 
     def walk(path: str, top: str | None, ancestors: tuple[tuple[int, int], ...]) -> None:
@@ -115,7 +117,7 @@ def list_tree(root: str, extensions: frozenset[str], reason: Callable[[OSError],
                 add([name], prefix, label)
 
     walk(root, None, ((st.st_dev, st.st_ino),))
-    return Listing(root, paths, runs, times, left_out)
+    return Listing(root, PathTable.from_chunks(chunks), runs, times, left_out)
 
 
 def _split(entries: list[os.DirEntry], extensions: frozenset[str]) -> tuple[list[str], list[os.DirEntry]]:

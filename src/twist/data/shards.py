@@ -28,6 +28,7 @@ import numpy as np
 from twist.data.dataset import DataError, ImageDataset
 from twist.data.decode import display_path, probe_image
 from twist.data.folder import EVAL_CROP_FRACTION, IMAGE_EXTENSIONS, SAMPLE_HEADERS
+from twist.data.paths import PathTable
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def load_shards(shards: list[str], image_size: int, max_pixels: int, crop_size: 
     side = crop_size or image_size or int(np.median([min(w, h) for w, h, _ in infos] or [1]))
     name = os.path.basename(os.path.dirname(os.path.abspath(shards[0]))) if len(shards) > 1 else \
         os.path.basename(shards[0])
-    ds = ImageDataset(name=name, channels=channels, size=(side, side), labels=labels, paths=names, kind="shards",
+    ds = ImageDataset(name=name, channels=channels, size=(side, side), labels=labels, paths=PathTable.of(names), kind="shards",
                       max_pixels=max_pixels, members=members)
     if crop_size > 0:
         ds.resize_side = int(round(crop_size / EVAL_CROP_FRACTION))
