@@ -28,21 +28,40 @@ its first step: the recipe's look at the data (``summarize_data``: the listing a
 and the load, which takes that listing instead of walking the tree again. Then a second load
 with the run's index counts how many times the tree is listed again (should be 0).
 
+Memory (Linux): trees of --memory-files and --tree-files image files (hard links to a few small
+JPEGs, 1000 per folder) are each loaded as a streamed folder and read for one whole epoch by
+two DataLoader workers cutting the photo-cpu recipe's views, each in a fresh process; it records
+the index's own bytes (paths and labels), the training process's anonymous memory after the
+epoch, and the peak private memory of any worker (``/proc/PID/smaps_rollup``, sampled every
+50 ms). Before the epoch the probe hands the heap's freed pages back (``malloc_trim``): they hold
+the listing's temporaries (about twice the index), which a training run's heap reuses, and
+which forked workers would otherwise count as theirs once the parent rewrites them. ``*_bytes_per_image`` are the growths from the smaller tree to the larger one per added
+image: a loader whose memory grows only by its index has the process's growth near the index's
+and the workers' near 0 (a worker that copied the index as it read it would grow by as much).
+The workers' peaks move by about 2 MB from run to run (their decoding buffers, the heap
+settling over their first ~200 batches; hence 50,000 files in the smaller tree), so the headline
+``worker_bytes_per_image`` comes from a cleaner probe: a child forked before the epoch reads
+every path once in a shuffled order and nothing else (a list of ``str`` grows it by about 110
+bytes per path, one copied string each).
+
 The last line of stdout is one JSON object with multicrop_speedup, twoview_speedup,
-startup_over_scandir, auto_startup_over_scandir and the raw figures (``--part`` measures one
-half only).
+startup_over_scandir, auto_startup_over_scandir, worker_bytes_per_image,
+main_over_index_growth and the raw figures (``--part`` measures one of the three only).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
 import random
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -92,6 +111,27 @@ def make_tree(root: Path, files: int, per_folder: int = 1000) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"f{i:07d}.jpg", "wb") as f:
             f.write(b"\xff")
+    marker.touch()
+
+
+def make_link_tree(root: Path, files: int, per_folder: int = 1000) -> None:
+    """``files`` small JPEGs (96 x 72) in folders of ``per_folder``: hard links to one file per
+    50,000 (a file system's link limit), so a large tree costs no disk and decodes fast."""
+    marker = root.parent / f".{root.name}-made-{files}"
+    if marker.exists():
+        return
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        source = root.parent / f".{root.name}-source-{i // 50_000}.jpg"
+        if i % 50_000 == 0:
+            Image.fromarray(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(source, quality=90)
+        folder = root / f"n{i // per_folder:05d}"
+        if i % per_folder == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"img{i:07d}.jpg"
+        if not target.exists():
+            os.link(source, target)
     marker.touch()
 
 
@@ -245,6 +285,99 @@ def startup(tree: Path, work: Path) -> dict:
             "resume_listings": len(calls), "resume_images": len(ds)}
 
 
+def _smaps(pid: int | str, key: str) -> float:
+    """MiB of ``key`` (e.g. Anonymous, Private_Dirty) in /proc/PID/smaps_rollup."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory_probe(root: Path, workers: int = 2) -> dict:
+    """One epoch of the streamed folder ``root`` in this process (see the module docstring)."""
+    from twist.data import ViewPlan
+
+    ds = load_dataset(str(root), "train", image_size=73, max_memory_gb=1e-9, progress=False, crop_size=64)
+    index_bytes = ds.paths.nbytes() if hasattr(ds.paths, "nbytes") else \
+        sys.getsizeof(ds.paths) + sum(map(sys.getsizeof, ds.paths))
+    index_bytes += ds.labels.nbytes if ds.labels is not None else 0
+    # the listing's temporaries (about twice the index) are freed into the heap; handed back here,
+    # or the workers forked next would inherit those pages and count them as their own once this
+    # process reuses them (any page the parent rewrites after a fork stays private to the child)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    peak, done = [0.0], threading.Event()
+
+    def poll() -> None:  # the workers' private memory, whichever of them is alive
+        me = os.getpid()
+        while not done.is_set():
+            try:
+                with open(f"/proc/{me}/task/{me}/children") as f:
+                    for pid in f.read().split():
+                        peak[0] = max(peak[0], _smaps(pid, "Private_Dirty"))
+            except OSError:  # a worker that has just ended
+                pass
+            time.sleep(0.05)
+
+    copied = forked_reader_growth(ds)
+    sampler = threading.Thread(target=poll, daemon=True)
+    sampler.start()
+    plan = ViewPlan.from_augment(get_preset("photo-cpu").augment, 0)
+    seen = sum(len(idx) for _, idx in batch_loader(ds, 128, shuffle=True, drop_last=True, seed=0, epoch=0,
+                                                    num_workers=workers, views=plan))
+    done.set()
+    sampler.join()
+    return {"files": len(ds), "images_read": seen, "index_mb": round(index_bytes / 2**20, 2),
+            "main_anonymous_mb": round(_smaps("self", "Anonymous"), 1), "worker_private_peak_mb": round(peak[0], 1),
+            "forked_reader_mb": round(copied, 2)}
+
+
+def forked_reader_growth(ds) -> float:
+    """MiB a forked child's private memory grows by while it reads every path of ``ds`` once in
+    a shuffled order, as loader workers do over an epoch (and nothing else, so no decoding
+    buffers blur it): what reading the index copies."""
+    order = np.random.default_rng(0).permutation(len(ds))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            before = _smaps("self", "Private_Dirty")
+            for i in order:
+                ds.source(int(i))
+            os.write(write, str(_smaps("self", "Private_Dirty") - before).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        return float(f.read())
+
+
+def memory(work: Path, sizes: tuple[int, int]) -> dict:
+    """:func:`memory_probe` of a small and a large tree, each in a fresh process, and the growth
+    per added image."""
+    runs = []
+    for files in sizes:
+        tree = work / f"linktree{files}"
+        make_link_tree(tree, files)
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import photo_loader as b; "
+                "from pathlib import Path; print(json.dumps(b.memory_probe(Path(sys.argv[2]))))")
+        out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tree)], check=True,
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    small, large = runs
+    added = large["files"] - small["files"]
+
+    def per_image(key: str) -> float:
+        return round((large[key] - small[key]) * 2**20 / added, 1)
+
+    index, main = per_image("index_mb"), per_image("main_anonymous_mb")
+    return {"small": small, "large": large, "index_bytes_per_image": index, "main_bytes_per_image": main,
+            "worker_bytes_per_image": per_image("forked_reader_mb"),
+            "worker_peak_bytes_per_image": per_image("worker_private_peak_mb"),
+            "main_over_index_growth": round(main / index, 2) if index > 0 else None}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="a folder of class sub-folders of photos (default: a synthetic one)")
@@ -258,14 +391,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--colour", default="auto", choices=["auto", "fused", "tensor"],
                     help="how twist's photometric steps run on this CPU (MultiCropAugment(colour=...)): the "
                          "compiled pass of twist.fused_colour, tensor operations, or auto (fused when numba imports)")
-    ap.add_argument("--part", choices=["all", "loaders", "startup"], default="all",
-                    help="measure both parts (the JSON's speedups need 'loaders', its start-up ratios 'startup')")
+    ap.add_argument("--memory-files", type=int, default=50_000,
+                    help="the smaller tree of the memory part (the larger has --tree-files)")
+    ap.add_argument("--part", choices=["all", "loaders", "startup", "memory"], default="all",
+                    help="measure every part (the JSON's speedups need 'loaders', its start-up ratios 'startup', "
+                         "its memory growths 'memory')")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     keep_freed_cpu_memory()  # as twist train does on CPU; process-wide, so both loaders (and forked workers) get it
     work = Path(args.work)
     root = Path(args.data) if args.data else work / "photos"
-    if not args.data and args.part != "startup":
+    if not args.data and args.part in ("all", "loaders"):
         t0 = time.perf_counter()
         make_photos(root, args.photos)
         print(f"synthetic folder {root}: {args.photos} JPEGs ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
@@ -276,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "colour": MultiCropAugment(mc, 3, colour=args.colour).colour_path(torch.device("cpu")),
                     "workers": args.workers, "batch": args.batch, "images": args.images}
-    for name, cfg in (("multicrop", mc), ("twoview", tv)) if args.part != "startup" else ():
+    for name, cfg in (("multicrop", mc), ("twoview", tv)) if args.part in ("all", "loaders") else ():
         rel = release_loader(str(root), release_views(cfg.global_scale, cfg.local_scale, cfg.num_local),
                              subset, args.batch, args.workers)
         tw = twist_loader(str(root), cfg, args.images, args.batch, args.workers, colour=args.colour)
@@ -289,12 +425,20 @@ def main(argv: list[str] | None = None) -> dict:
               f"twist {tw['images_per_cpu_s']} img/CPU-s ({tw['images_per_s']} img/s): "
               f"x{result[f'{name}_speedup']}; views only (photometric on a GPU) {cut['images_per_cpu_s']} img/CPU-s: "
               f"x{result[f'{name}_speedup_cpu_side_of_gpu_training']}", file=sys.stderr)
-    if args.part != "loaders":
+    if args.part in ("all", "startup"):
         tree = work / "tree"
         make_tree(tree, args.tree_files)
         result["startup"] = startup(tree, work)
         result["startup_over_scandir"] = result["startup"]["startup_over_scandir"]
         result["auto_startup_over_scandir"] = result["startup"]["auto_startup_over_scandir"]
+    if args.part in ("all", "memory") and sys.platform.startswith("linux"):
+        result["memory"] = memory(work, (args.memory_files, args.tree_files))
+        for key in ("worker_bytes_per_image", "main_over_index_growth"):
+            result[key] = result["memory"][key]
+        m = result["memory"]
+        print(f"memory: index {m['index_bytes_per_image']} B/image, training process {m['main_bytes_per_image']} "
+              f"B/image, a forked reader of every path {m['worker_bytes_per_image']} B/image (loader workers' "
+              f"peaks over the epoch {m['worker_peak_bytes_per_image']} B/image)", file=sys.stderr)
     print(json.dumps(result))
     return result
 

@@ -112,7 +112,7 @@ def test_contrastive_baselines_keep_a_wide_projector_when_twist_heads_are_narrow
 def test_photo_loader_script_tiny_run(tmp_path):
     script = SCRIPT.parent / "photo_loader.py"
     cmd = [sys.executable, str(script), "--work", str(tmp_path), "--photos", "24", "--images", "8", "--batch", "4",
-           "--workers", "0", "--tree-files", "300"]
+           "--workers", "0", "--tree-files", "300", "--memory-files", "150"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -121,3 +121,7 @@ def test_photo_loader_script_tiny_run(tmp_path):
     assert result["multicrop"]["twist"]["images"] == result["multicrop"]["release"]["images"] == 8
     assert result["startup"]["files"] == 300 and result["startup"]["resume_listings"] == 0
     assert result["startup"]["resume_images"] == 300
+    memory = result["memory"]  # the figures of 150 extra images are noise; that they are measured is checked
+    assert memory["small"]["files"] == 150 and memory["large"]["files"] == 300
+    assert memory["large"]["images_read"] == 256 and memory["index_bytes_per_image"] > 0
+    assert "worker_bytes_per_image" in result and memory["large"]["worker_private_peak_mb"] > 0

@@ -78,3 +78,31 @@ def test_chunks_give_the_table_of_their_paths():
     table = PathTable.from_chunks(chunks)
     assert table == PATHS[:2] + PATHS[3:] and table == PathTable.of(PATHS[:2] + PATHS[3:])
     assert PathTable.from_chunks([]) == [] and PathTable.from_chunks(["a"]) == ["a"]
+
+
+def _private_dirty_mb() -> float:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/PID/smaps_rollup")
+def test_a_forked_reader_does_not_copy_the_table():
+    """What DataLoader workers do: read every path of a table inherited through fork. A list of
+    str would grow the child by about 100 bytes per path (each read writes the string's reference
+    count, so its page is copied): 10 MB here; the table's buffer is only read."""
+    table = PathTable.of(f"/data/train/n{i // 1000:05d}/image_{i:08d}.JPEG" for i in range(100_000))
+    order = np.random.default_rng(0).permutation(len(table))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its growth, never return into pytest
+        try:
+            before = _private_dirty_mb()
+            for i in order:
+                table[i]
+            os.write(write, str(_private_dirty_mb() - before).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    grown = float(os.read(read, 64).decode())
+    assert grown < 2.0, f"a forked reader of 100,000 paths grew by {grown:.1f} MB"
