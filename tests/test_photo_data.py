@@ -409,3 +409,23 @@ def test_training_on_streamed_photos_cuts_views_and_resumes_from_the_index(tmp_p
     monkeypatch.setattr(folder_module, "list_tree", no_listing)
     record = train(cfg, str(tmp_path / "data"), out, progress=False)
     assert record["epoch"] == 2 and "acc" in record
+
+
+def test_a_subset_of_streamed_photos_decodes_as_the_whole(tmp_path):
+    """twist eval's held-out split and the semi-supervised subsets are subsets of the loaded data:
+    a streamed subset must keep the release's evaluation crop (resize the shorter side to
+    crop / 0.875, then the centre crop) and, for tar shards, where each image lies. (It used
+    to lose both: the folder subset resized straight to the crop size, the shard one could
+    not open its images.)"""
+    from twist.protocols import subset_dataset
+
+    photo_folder(tmp_path / "f")
+    make_shards(tmp_path / "f", tmp_path / "shards")
+    pick = [7, 0, 3, 11]
+    for spec in (tmp_path / "f", str(tmp_path / "shards")):
+        whole = streamed(spec, crop_size=32)
+        part = subset_dataset(whole, pick, "part")
+        assert part.resize_side == whole.resize_side == round(32 / 0.875) and not part.in_memory
+        assert list(part.paths) == [whole.paths[i] for i in pick] and part.name == "part"
+        np.testing.assert_array_equal(part.labels, whole.labels[pick])
+        assert torch.equal(part.get_batch(range(len(pick))), whole.get_batch(pick))

@@ -162,8 +162,11 @@ def subset_dataset(ds: ImageDataset, indices: Sequence[int] | np.ndarray, name: 
     images = ds.images.index_select(0, torch.from_numpy(idx)) if ds.images is not None else None
     paths = PathTable.of(ds.paths).take(idx) if ds.paths is not None else None
     labels = ds.labels[idx] if ds.labels is not None else None
-    return ImageDataset(name=name or ds.name, channels=ds.channels, size=ds.size, images=images, labels=labels,
-                        class_names=ds.class_names, paths=paths, kind=ds.kind, max_pixels=ds.max_pixels)
+    members = ds.members.take(idx) if ds.members is not None else None
+    # every other field as it is: a streamed subset decodes its images exactly as the whole does
+    # (resize_side: the release's evaluation crop; members: where a tar shard's images lie)
+    return dataclasses.replace(ds, name=name or ds.name, images=images, labels=labels, paths=paths, members=members,
+                               skipped=[], replaced=0, _failed=set())
 
 
 def _is_npz_split_dir(path: str) -> bool:

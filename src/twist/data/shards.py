@@ -42,6 +42,10 @@ class TarMembers:
     offset: np.ndarray
     size: np.ndarray
 
+    def take(self, indices: np.ndarray) -> TarMembers:
+        """The members of images ``indices``, in that order (a subset of the dataset)."""
+        return TarMembers(self.shards, self.shard[indices], self.offset[indices], self.size[indices])
+
     def read(self, i: int) -> bytes:
         with open(self.shards[int(self.shard[i])], "rb") as f:
             f.seek(int(self.offset[i]))
