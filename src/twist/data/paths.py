@@ -3,10 +3,11 @@
 Why not a list of ``str``: a list holds one Python object per path (about 57 bytes plus the
 name), and every read of an item writes that object's reference count. ``DataLoader`` workers
 are forked from the training process and share its memory copy-on-write, so a worker that
-reads paths all over a shuffled epoch writes to (and so copies) nearly every page of them:
-measured on 100,000 files with two workers, each worker's private memory grew by about 106
-bytes per image over one epoch, the whole list once per worker (the well-known PyTorch
-"copy-on-read" growth; for ImageNet's 1.28M paths and 10 workers per GPU, gigabytes per node).
+reads paths all over a shuffled epoch writes to (and so copies) nearly every page of them: a
+child forked from a process holding 100,000 paths grew by 113 bytes per path reading each once,
+the whole list once per worker (``python benchmarks/photo_loader.py --part memory``; the
+well-known PyTorch "copy-on-read" growth: for ImageNet's 1.28M paths and 10 workers per GPU,
+about 1.4 GB per GPU). Reading a table copies nothing (0.2 bytes per path in the same probe).
 A :class:`PathTable` keeps the paths as one ``bytes`` buffer (NUL-separated, UTF-8 with
 ``surrogatepass``, so any ``str`` path, undecodable names included, comes back exactly) and a
 numpy array of offsets: reading path ``i`` slices the buffer and decodes a new string, writing
