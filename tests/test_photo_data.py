@@ -429,3 +429,24 @@ def test_a_subset_of_streamed_photos_decodes_as_the_whole(tmp_path):
         assert list(part.paths) == [whole.paths[i] for i in pick] and part.name == "part"
         np.testing.assert_array_equal(part.labels, whole.labels[pick])
         assert torch.equal(part.get_batch(range(len(pick))), whole.get_batch(pick))
+
+
+def test_progressive_resizing_cuts_streamed_views_at_each_epochs_size(tmp_path, monkeypatch):
+    """Streamed photos get their views cut at decode time: with progressive resizing the plan's
+    sizes follow the epoch (16, 24, 24, 32 px for 4 epochs from 16 to 32), the crop boxes do not."""
+    from twist.augment import MultiCropAugment
+    from twist.presets import get_preset
+    from twist.train import train
+
+    photo_folder(tmp_path / "data", n_per_class=8)
+    cfg = get_preset("cifar10")
+    for key, value in (("max_memory_gb", 1e-9), ("batch_size", 8), ("epochs", 4), ("device", "cpu"),
+                       ("precision", "fp32"), ("eval_every", 0)):
+        setattr(cfg.train, key, value)
+    cfg.augment.progressive_start = 0.5
+    sizes = []
+    real = MultiCropAugment.photometric
+    monkeypatch.setattr(MultiCropAugment, "photometric",
+                        lambda self, v, g=None: sizes.append((v[0].shape[-1], self.cfg.global_size)) or real(self, v, g))
+    train(cfg, str(tmp_path / "data"), tmp_path / "run", progress=False)
+    assert sizes == [(s, s) for s in (16, 16, 24, 24, 24, 24, 32, 32)]  # two steps per epoch

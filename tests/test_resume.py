@@ -207,3 +207,25 @@ def test_metrics_of_epochs_not_in_the_checkpoint_are_dropped(tmp_path):
     assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
     drop_unsaved_metrics(path, 0)
     assert path.read_text() == ""
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_size_and_resumes_bit_identical(tiny_npz, tmp_path, monkeypatch):
+    """augment.progressive_start: the views grow 8 -> 16 px over the first 3 of 4 epochs (the model
+    sees 8, 8, 16, 16 px), evaluation stays at 16 px, and a run stopped in its third epoch, right
+    where the size changes, resumes to the uninterrupted run's exact end."""
+    import twist.train as train_module
+
+    cfg = apply_overrides(tiny_config("fp32", epochs=4), ["train.image_size=16", "augment.global_size=16",
+                                                          "augment.local_size=8", "augment.progressive_start=0.5"])
+    assert [cfg.augment.view_sizes(e, 4) for e in range(4)] == [(8, 4), (8, 4), (16, 8), (16, 8)]
+    sides = []
+    real = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda model, crit, opt, views, **kw: sides.append(
+        views[0].shape[-1]) or real(model, crit, opt, views, **kw))
+    train(cfg, tiny_npz, tmp_path / "ref", progress=False)
+    assert sides == [8] * 2 * STEPS_PER_EPOCH + [16] * 2 * STEPS_PER_EPOCH
+    sides.clear()
+    train(cfg, tiny_npz, tmp_path / "run", progress=False, max_steps=2 * STEPS_PER_EPOCH + 1)
+    train(cfg, tiny_npz, tmp_path / "run", progress=False)
+    assert sides == [8] * 2 * STEPS_PER_EPOCH + [16] * 2 * STEPS_PER_EPOCH
+    assert_same_run(tmp_path / "ref", tmp_path / "run", epochs=4)

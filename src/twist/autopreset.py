@@ -15,9 +15,11 @@ The rules (docs/results.md, "The photo default", holds the measurements behind t
   (``cifar10-gpu`` on a GPU) for colour;
 * photos on a CPU (``photo-cpu``): the ``cifar10`` recipe looking at 64 px views through a
   stride-2 stem (the cost of 32 px; views cut at decode time from the original photos when the
-  folder is streamed), with C = the number of class folders when there are some. Its epochs are
+  folder is streamed), the views growing from 40 px over the first three quarters of the epochs
+  (progressive resizing), with C = the number of class folders when there are some. Its epochs are
   then fitted by :func:`auto_preset` to CPU_BUDGET_MIN minutes at the training speed measured on
-  this machine (a few seconds of timed steps): CPUs differ about 9x (AVX512-BF16 or not), so a
+  this machine at each view side it trains at (a few seconds of timed steps; each epoch is
+  charged at its side's speed): CPUs differ about 9x (AVX512-BF16 or not), so a
   fixed number of epochs would either run for an hour or leave most of the budget unused. Where
   the budget holds fewer than CPU_MIN_EPOCHS epochs, the convnet is narrowed to
   CPU_NARROW_WIDTH (measured again): on such a CPU more epochs of a narrower network score
@@ -36,6 +38,7 @@ largest power of two <= N / (2 x processes)), at least 2, so a folder of 100 pho
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import zipfile
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from twist.config import TwistConfig, apply_overrides, override_value
+from twist.config import AugmentConfig, TwistConfig, apply_overrides, override_value
 from twist.presets import get_preset
 
 if TYPE_CHECKING:  # the data package (and torch) is imported when data is looked at, not before
@@ -266,12 +269,33 @@ def _gpu_photo_recipe(data: DataSummary, device: DeviceInfo) -> tuple[TwistConfi
 
 
 # ---------------------------------------------------------------------- budgeting
-def budget_epochs(count: int, images_per_s: float, minutes: float = CPU_BUDGET_MIN,
-                  max_epochs: int = CPU_MAX_EPOCHS) -> int:
+def budget_epochs(count: int, images_per_s: float | dict[int, float], minutes: float = CPU_BUDGET_MIN,
+                  max_epochs: int = CPU_MAX_EPOCHS, augment: AugmentConfig | None = None) -> int:
     """Epochs of ``count`` images that fit ``minutes`` at ``images_per_s`` x STEP_EFFICIENCY
-    (at least 1, at most ``max_epochs``)."""
+    (at least 1, at most ``max_epochs``). With progressive resizing (``augment``'s
+    progressive_start), ``images_per_s`` maps each global view side to its rate, and every epoch
+    is charged at the rate of its side (:func:`training_seconds`)."""
+    if isinstance(images_per_s, dict):
+        for epochs in range(max_epochs, 0, -1):
+            if training_seconds(count, images_per_s, epochs, augment) <= minutes * 60:
+                return epochs
+        return 1
     fit = minutes * 60 * images_per_s * STEP_EFFICIENCY / max(count, 1)
     return int(max(1, min(max_epochs, math.floor(fit))))
+
+
+def training_seconds(count: int, rates: dict[int, float], epochs: int, augment: AugmentConfig | None) -> float:
+    """Predicted seconds of ``epochs`` epochs of ``count`` images: each epoch at the measured rate
+    (x STEP_EFFICIENCY) of its global view side (``augment.view_sizes``; one side without it)."""
+    def side(epoch: int) -> int:
+        return augment.view_sizes(epoch, epochs)[0] if augment is not None else next(iter(rates))
+
+    return sum(count / (rates[side(e)] * STEP_EFFICIENCY) for e in range(epochs))
+
+
+def view_sides(augment: AugmentConfig) -> list[int]:
+    """Every global view side a run of ``augment`` can train at (one without progressive resizing)."""
+    return sorted({augment.view_sizes(e, CPU_MAX_EPOCHS)[0] for e in range(CPU_MAX_EPOCHS)})
 
 
 def measure_images_per_s(cfg: TwistConfig, channels: int, steps: int = 2) -> float:
@@ -322,38 +346,48 @@ def auto_preset(spec: str, overrides: Sequence[str] = (), data: DataSummary | No
     cfg, reasons = choose_preset(data, device_info(device))
     fixed_epochs = override_value(overrides, "train.epochs") is not None
     if cfg.preset == "photo-cpu" and data.count and not fixed_epochs:
-        rate = _fit_cpu_budget(cfg, data, overrides, reasons)
+        rates, augment = _fit_cpu_budget(cfg, data, overrides, reasons)
         cfg.train.eval_every = spaced_evaluations(cfg.train.epochs, cfg.train.eval_every)
         _fit_warmup(cfg)
-        minutes = cfg.train.epochs * data.count / (rate * STEP_EFFICIENCY) / 60
-        reasons.append(f"{cfg.train.epochs} epochs: the model trains {rate:.0f} images/s here (measured just now), "
-                       f"so about {minutes:.0f} min of training (budget {CPU_BUDGET_MIN:g} min, at most "
-                       f"{CPU_MAX_EPOCHS} epochs; --epochs N to choose)")
+        minutes = training_seconds(data.count, rates, cfg.train.epochs, augment) / 60
+        side = augment.global_size
+        early = ", ".join(f"{rates[s]:.0f} at {s} px" for s in sorted(rates) if s != side)
+        reasons.append(f"{cfg.train.epochs} epochs: the model trains {rates[side]:.0f} images/s here"
+                       + (f" at {side} px" if early else "") + " (measured just now"
+                       + (f"; {early} for the early epochs of progressive resizing" if early else "")
+                       + f"), so about {minutes:.0f} min of training (budget {CPU_BUDGET_MIN:g} "
+                       f"min, at most {CPU_MAX_EPOCHS} epochs; --epochs N to choose)")
     return cfg.validate(), reasons
 
 
-def _fit_cpu_budget(cfg: TwistConfig, data: DataSummary, overrides: Sequence[str], reasons: list[str]) -> float:
+def _fit_cpu_budget(cfg: TwistConfig, data: DataSummary, overrides: Sequence[str],
+                    reasons: list[str]) -> tuple[dict[int, float], AugmentConfig]:
     """Set ``cfg``'s epochs to the CPU budget at the speed measured here (with ``overrides``
-    applied), first narrowing the convnet to CPU_NARROW_WIDTH when its own width would get fewer
-    than CPU_MIN_EPOCHS and no width is given; returns the measured images per second."""
-    def measured(width: int | None) -> float:
+    applied; with progressive resizing at each view side it trains at), first narrowing the
+    convnet to CPU_NARROW_WIDTH when its own width would get fewer than CPU_MIN_EPOCHS and no
+    width is given; returns the measured images per second by global view side, and the
+    augmentation settings (``overrides`` applied) they were measured for."""
+    def measured(width: int | None) -> tuple[dict[int, float], AugmentConfig]:
         trial = copy.deepcopy(cfg)
         if width is not None:
             trial.model.small_cnn_width = width
-        return measure_images_per_s(apply_overrides(trial, list(overrides)), data.channels)
+        trial = apply_overrides(trial, list(overrides))
+        rates = {side: measure_images_per_s(dataclasses.replace(trial, augment=trial.augment.resized(side)),
+                                            data.channels) for side in view_sides(trial.augment)}
+        return rates, trial.augment
 
-    rate = measured(None)
-    cfg.train.epochs = budget_epochs(data.count, rate)
+    rates, augment = measured(None)
+    cfg.train.epochs = budget_epochs(data.count, rates, augment=augment)
     width = cfg.model.small_cnn_width
     if (cfg.train.epochs < CPU_MIN_EPOCHS and CPU_NARROW_WIDTH < width
             and override_value(overrides, "model.small_cnn_width") is None):
-        wide_epochs, rate = cfg.train.epochs, measured(CPU_NARROW_WIDTH)
+        wide_epochs, (rates, augment) = cfg.train.epochs, measured(CPU_NARROW_WIDTH)
         cfg.model.small_cnn_width = CPU_NARROW_WIDTH
-        cfg.train.epochs = budget_epochs(data.count, rate)
+        cfg.train.epochs = budget_epochs(data.count, rates, augment=augment)
         reasons.append(f"convnet width {width} -> {CPU_NARROW_WIDTH}: at width {width} this CPU fits only "
                        f"{wide_epochs} epochs in the budget (fewer than {CPU_MIN_EPOCHS}), and on a CPU this slow "
                        f"epochs count for more than width (model.small_cnn_width=N to choose)")
-    return rate
+    return rates, augment
 
 
 def spaced_evaluations(epochs: int, every: int) -> int:

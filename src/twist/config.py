@@ -149,6 +149,34 @@ class AugmentConfig:
     """Area range of the erased rectangle, as a fraction of the view."""
     erase_ratio: tuple[float, float] = (0.3, 3.3)
     """Aspect-ratio (height / width) range of the erased rectangle, drawn log-uniformly."""
+    progressive_start: float = 0.0
+    """Progressive resizing (0 = off; convnets): the global views' side in the first epoch, as a
+    fraction of global_size (at least 8 px). The side grows by 8 px steps to global_size over the
+    first progressive_fraction of the TWIST epochs, then stays (local views in proportion); the
+    crop boxes are the same, only their output size changes. An epoch at side s costs about
+    (s / global_size)^2 of one at global_size, so a time budget holds more epochs (photo-cpu:
+    0.625, 40 -> 64 px, docs/results.md). Evaluation and self-labeling use global_size."""
+    progressive_fraction: float = 0.75
+    """Share of the TWIST epochs over which progressive resizing reaches global_size."""
+
+    def view_sizes(self, epoch: int, epochs: int) -> tuple[int, int]:
+        """(global, local) view sides of TWIST epoch ``epoch`` (0-based) of ``epochs``: the
+        configured sizes, or with ``progressive_start`` the 8 px step nearest to the linear ramp
+        from ``start`` (= max(8, round(progressive_start x global_size))) at the first epoch to
+        global_size after ``progressive_fraction`` of the epochs (none when start >= global_size)."""
+        start = max(8, round(self.progressive_start * self.global_size))
+        if not self.progressive_start or start >= self.global_size:
+            return self.global_size, self.local_size
+        ramp = max(1, round(self.progressive_fraction * epochs))
+        grow = (self.global_size - start) * min(1.0, epoch / ramp)
+        side = min(self.global_size, start + 8 * int(grow / 8 + 0.5))
+        return side, max(1, round(self.local_size * side / self.global_size))
+
+    def resized(self, side: int) -> "AugmentConfig":
+        """A copy whose global views have side ``side`` (local views in proportion, as in
+        :meth:`view_sizes`)."""
+        local = max(1, round(self.local_size * side / self.global_size))
+        return dataclasses.replace(self, global_size=side, local_size=local)
 
 
 @dataclass
@@ -318,6 +346,11 @@ class TwistConfig:
         _check(a.interpolation in ("bicubic", "bilinear"), "augment.interpolation", a.interpolation, "bicubic or bilinear")
         _check(0 <= a.rotation <= 180, "augment.rotation", a.rotation, "degrees in [0, 180]")
         _check(0 <= a.shear < 45, "augment.shear", a.shear, "degrees in [0, 45)")
+        _check(0 <= a.progressive_start < 1, "augment.progressive_start", a.progressive_start,
+               "in [0, 1): a fraction of augment.global_size (0 = off)")
+        _check(0 < a.progressive_fraction <= 1, "augment.progressive_fraction", a.progressive_fraction, "in (0, 1]")
+        _check(not (a.progressive_start and m.backbone.startswith("vit_")), "augment.progressive_start",
+               a.progressive_start, "0 for ViT backbones (their sides must stay multiples of the patch size)")
         if m.backbone.startswith("vit_"):
             _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "a positive integer")
             _check(a.global_size % m.patch_size == 0, "augment.global_size", a.global_size,

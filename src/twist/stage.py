@@ -156,6 +156,10 @@ class Stage:
     aug_gen: torch.Generator
     global_batch: int
 
+    def start_epoch(self, epoch: int) -> None:
+        """Set what changes from epoch to epoch (TWIST: the view sizes of progressive resizing)
+        before stage epoch ``epoch``'s (0-based) batches are drawn; nothing by default."""
+
     def step(self, images: torch.Tensor, it: int) -> tuple[Any, bool, torch.Tensor | None]:
         """One optimiser step on uint8 ``images`` at stage step ``it``: ``(terms, finite,
         logged)`` with ``logged`` the float64 CPU vector added to the epoch's sums (None when not
@@ -202,6 +206,7 @@ class StageRunner:
         record, or None when ``max_steps`` stopped the stage inside the epoch (checkpoint written)."""
         run, stage, state, cfg = self.run, self.stage, self.state, self.run.cfg
         stage.model.train()
+        stage.start_epoch(epoch)
         loader = run.loader(stage.loader_epoch_offset + epoch, state.step_in_epoch, stage.view_plan)
         self._start_sums()
         count_start = self.count

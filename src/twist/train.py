@@ -300,6 +300,7 @@ class TwistStage(Stage):
         criterion = TwistLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau, cfg.loss.eps)
         info = run.data_info
         augment = MultiCropAugment(cfg.augment, info["channels"], info["mean"], info["std"])
+        self.sizes = (cfg.augment.global_size, cfg.augment.local_size)
         forward_model = compiled(model, cfg)
 
         # schedules (per optimiser step) and optimiser
@@ -322,6 +323,21 @@ class TwistStage(Stage):
         self.n_candidates, self.n_trained_heads = len(unwrap(model).heads), len(unwrap(model).trained_heads)
         # running sums of loss, consistency, sharpness, diversity (+ the other heads' losses)
         self.num_logged = 4 + self.n_trained_heads - 1
+
+    def start_epoch(self, epoch: int) -> None:
+        """Progressive resizing (augment.progressive_start): the views of epoch ``epoch`` at its
+        sizes; the augmentation and the decode-time plan are rebuilt only when they change."""
+        sizes = self.cfg.augment.view_sizes(epoch, self.epochs)
+        if sizes == self.sizes:
+            return
+        aug = self.cfg.augment.resized(sizes[0])
+        info = self.run.data_info
+        self.step.augment = MultiCropAugment(aug, info["channels"], info["mean"], info["std"])
+        self.view_plan = ViewPlan.from_augment(aug, self.cfg.train.seed)
+        self.sizes = sizes
+        if self.run.main:
+            logger.info("epoch %d: views of %d px (progressive resizing to %d px)", epoch + 1, sizes[0],
+                        self.cfg.augment.global_size)
 
     def load(self, ckpt: dict[str, Any]) -> None:
         """Weights, optimiser, scaler and teacher from a checkpoint that passed check_resumable."""
