@@ -9,6 +9,7 @@ follow each ORIGINAL photo's size and aspect, not the 64 px training copy.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -97,15 +98,14 @@ def test_spaced_evaluations_never_score_two_epochs_in_a_row():
 def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path, monkeypatch):
     make_photos(tmp_path / "photos")
     monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
-    measured = []  # the configurations timed: the recipe with the caller's overrides, at each view side
+    measured = []  # the configurations timed: the recipe with the caller's overrides
     monkeypatch.setattr(autopreset, "measure_images_per_s",
-                        lambda cfg, channels, steps=2: measured.append(cfg.model.small_cnn_width) or 2.0)
+                        lambda cfg, channels, steps=2: measured.append(cfg.model.small_cnn_width) or 5.0)
     cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"), ["model.small_cnn_width=48"])
-    sides = autopreset.view_sides(get_preset("photo-cpu").augment)
-    assert measured == [48] * len(sides) and cfg.model.small_cnn_width == get_preset("photo-cpu").model.small_cnn_width
-    expected = int(autopreset.CPU_BUDGET_MIN * 60 * 2.0 * autopreset.STEP_EFFICIENCY / 100)  # < CPU_MAX_EPOCHS
-    assert cfg.preset == "photo-cpu" and cfg.train.epochs == autopreset.budget_epochs(100, 2.0) == expected
-    assert "2 images/s" in reasons[-1] and f"{expected} epochs" in reasons[-1]
+    assert measured == [48] and cfg.model.small_cnn_width == get_preset("photo-cpu").model.small_cnn_width
+    expected = int(autopreset.CPU_BUDGET_MIN * 60 * 5.0 * autopreset.STEP_EFFICIENCY / 100)  # 40 <= 61 < 100
+    assert cfg.preset == "photo-cpu" and cfg.train.epochs == autopreset.budget_epochs(100, 5.0) == expected
+    assert "5 images/s" in reasons[-1] and f"{expected} epochs" in reasons[-1] and len(reasons) == 3
     assert cfg.train.eval_every == autopreset.spaced_evaluations(expected, get_preset("photo-cpu").train.eval_every)
     monkeypatch.setattr(autopreset, "measure_images_per_s", lambda *a, **k: pytest.fail("measured with fixed epochs"))
     fixed, reasons = autopreset.auto_preset(str(tmp_path / "photos"), ["train.epochs=3"])
@@ -115,41 +115,48 @@ def test_auto_preset_sets_the_cpu_photo_epochs_from_the_measured_speed(tmp_path,
     assert spaced.train.epochs == fixed.train.epochs
 
 
-def test_a_slow_cpu_narrows_the_convnet_to_fit_more_epochs(tmp_path, monkeypatch):
+def test_a_slow_cpu_narrows_the_convnet_and_grows_the_views_to_fit_more_epochs(tmp_path, monkeypatch):
     make_photos(tmp_path / "photos")
     monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
-    wide = get_preset("photo-cpu").model.small_cnn_width
-    rates = {wide: 2.0, autopreset.CPU_NARROW_WIDTH: 5.0}  # images/s on 100 photos: 24 and 61 epochs
+    wide, narrow = get_preset("photo-cpu").model.small_cnn_width, autopreset.CPU_NARROW_WIDTH
+    rates = {(wide, 64): 2.0, (24, 64): 1.0}  # images/s on 100 photos: 24 epochs, fewer than CPU_MIN_EPOCHS
+    rates.update({(narrow, side): rate for side, rate in ((40, 9.0), (48, 7.0), (56, 5.2), (64, 4.0))})
+    rates.update({(24, side): 0.5 * rate for (w, side), rate in list(rates.items()) if w == narrow})
     measured = []
-    monkeypatch.setattr(autopreset, "measure_images_per_s",
-                        lambda cfg, channels, steps=2: measured.append(cfg.model.small_cnn_width)
-                        or rates[cfg.model.small_cnn_width])
-    assert autopreset.budget_epochs(100, 2.0) < autopreset.CPU_MIN_EPOCHS <= autopreset.budget_epochs(100, 5.0)
+    monkeypatch.setattr(autopreset, "measure_images_per_s", lambda cfg, channels, steps=2: measured.append(
+        (cfg.model.small_cnn_width, cfg.augment.global_size)) or rates[measured[-1]])
+    assert autopreset.budget_epochs(100, 2.0) < autopreset.CPU_MIN_EPOCHS
     cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
-    sides = len(autopreset.view_sides(get_preset("photo-cpu").augment))
-    assert measured == [wide] * sides + [autopreset.CPU_NARROW_WIDTH] * sides
-    assert cfg.model.small_cnn_width == autopreset.CPU_NARROW_WIDTH
-    assert cfg.train.epochs == autopreset.budget_epochs(100, 5.0) and "5 images/s" in reasons[-1]
-    assert f"width {wide} -> {autopreset.CPU_NARROW_WIDTH}" in reasons[-2]
-    assert f"only {autopreset.budget_epochs(100, 2.0)} epochs" in reasons[-2]
-    # a CPU fast enough for CPU_MIN_EPOCHS at the recipe's width keeps it, measured once
+    assert measured == [(wide, 64)] + [(narrow, side) for side in (40, 48, 56, 64)]
+    assert cfg.model.small_cnn_width == narrow and cfg.augment.progressive_start == autopreset.CPU_SLOW_PROGRESSIVE
+    slow = {side: rates[narrow, side] for side in (40, 48, 56, 64)}
+    assert cfg.train.epochs == autopreset.budget_epochs(100, slow, augment=cfg.augment) > autopreset.budget_epochs(100, 4.0)
+    assert f"width {wide} -> {narrow}, views growing from 40 to 64 px" in reasons[-2] and "only 24 epochs" in reasons[-2]
+    assert "4 images/s here at 64 px (measured just now; 9 at 40 px, 7 at 48 px, 5 at 56 px for" in reasons[-1]
+    # a CPU fast enough for CPU_MIN_EPOCHS with the recipe keeps it, measured once
     measured.clear()
-    rates[wide] = 4.0
+    rates[wide, 64] = 4.0
     kept, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
-    assert measured == [wide] * sides and kept.model.small_cnn_width == wide and len(reasons) == 3
-    # a width the user gives is never changed, however slow (the caller applies it)
+    assert measured == [(wide, 64)] and kept.model.small_cnn_width == wide and len(reasons) == 3
+    assert kept.augment.progressive_start == 0
+    # a width the user gives is never changed, however slow (the caller applies it); the views still grow
     measured.clear()
-    rates.update({24: 1.0})
-    given, _ = autopreset.auto_preset(str(tmp_path / "photos"), ["model.small_cnn_width=24"])
-    assert measured == [24] * sides and given.model.small_cnn_width == wide
+    given, reasons = autopreset.auto_preset(str(tmp_path / "photos"), ["model.small_cnn_width=24"])
+    assert measured == [(24, 64)] + [(24, side) for side in (40, 48, 56, 64)]
+    assert given.model.small_cnn_width == wide and given.augment.progressive_start == autopreset.CPU_SLOW_PROGRESSIVE
+    assert "(views growing from 40 to 64 px)" in reasons[-2]
+    # both given: nothing left to change, so nothing is measured again
+    measured.clear()
+    autopreset.auto_preset(str(tmp_path / "photos"), ["model.small_cnn_width=24", "augment.progressive_start=0"])
+    assert measured == [(24, 64)]
 
 
-def test_progressive_resizing_charges_each_epoch_at_its_view_side(tmp_path, monkeypatch):
-    """photo-cpu grows its views from 40 to 64 px: the budget measures the model at each side it
-    trains at and charges every epoch at its own side's rate, so it holds more epochs than at
-    64 px throughout, and the predicted time fits the budget."""
-    aug = get_preset("photo-cpu").augment
-    assert aug.progressive_start == 0.625 and autopreset.view_sides(aug) == [40, 48, 56, 64]
+def test_progressive_resizing_charges_each_epoch_at_its_view_side():
+    """With the views growing from 40 to 64 px the budget charges every epoch at the rate measured
+    at its own side, so it holds more epochs than at 64 px throughout, and the predicted time
+    fits the budget."""
+    aug = dataclasses.replace(get_preset("photo-cpu").augment, progressive_start=0.625)
+    assert autopreset.view_sides(aug) == [40, 48, 56, 64] and autopreset.view_sides(get_preset("photo-cpu").augment) == [64]
     rates = {40: 900.0, 48: 700.0, 56: 520.0, 64: 400.0}
     epochs = autopreset.budget_epochs(10_000, rates, augment=aug)
     assert autopreset.training_seconds(10_000, rates, epochs, aug) <= autopreset.CPU_BUDGET_MIN * 60
@@ -157,17 +164,6 @@ def test_progressive_resizing_charges_each_epoch_at_its_view_side(tmp_path, monk
     assert epochs > 1.2 * autopreset.budget_epochs(10_000, 400.0)  # 57 > 1.2 x 40
     by_hand = sum(10_000 / (rates[aug.view_sizes(e, epochs)[0]] * autopreset.STEP_EFFICIENCY) for e in range(epochs))
     assert autopreset.training_seconds(10_000, rates, epochs, aug) == pytest.approx(by_hand)
-    make_photos(tmp_path / "photos")
-    monkeypatch.setattr(autopreset, "device_info", lambda name="auto": CPU)
-    seen = []
-    monkeypatch.setattr(autopreset, "measure_images_per_s", lambda cfg, channels, steps=2: seen.append(
-        (cfg.augment.global_size, cfg.augment.local_size)) or rates[cfg.augment.global_size] / 100)
-    cfg, reasons = autopreset.auto_preset(str(tmp_path / "photos"))
-    assert seen == [(40, 20), (48, 24), (56, 28), (64, 32)] and cfg.augment.global_size == 64
-    assert cfg.train.epochs == autopreset.budget_epochs(100, {s: r / 100 for s, r in rates.items()}, augment=cfg.augment)
-    assert "4 images/s here at 64 px (measured just now; 9 at 40 px, 7 at 48 px, 5 at 56 px for" in reasons[-1]
-    off, _ = autopreset.auto_preset(str(tmp_path / "photos"), ["augment.progressive_start=0"])
-    assert seen[4:] == [(64, 32)] and off.train.epochs == autopreset.budget_epochs(100, 4.0) < cfg.train.epochs
 
 
 def make_photos(root, n_per_class: int = 50, seed: int = 0) -> None:
