@@ -137,3 +137,8 @@ def test_dry_run_prints_batches_and_schedules(capsys, monkeypatch):
     assert main(["train", "digits", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "1,797 images" in err and "steps/epoch: 28" in err  # batch 64
+    assert "views: 2 x 16 px (scale (0.7, 1.0)) + 2 x 12 px (scale (0.5, 1.0))\n" in err
+
+    assert main(["train", "--preset", "photo-cpu", "--dry-run", "--set", "augment.progressive_start=0.625"]) == 0
+    assert "views: 2 x 64 px (scale (0.5, 1.0)); growing from 40 px over the first 75% of the epochs" \
+        in capsys.readouterr().err

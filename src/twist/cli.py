@@ -405,8 +405,11 @@ def dry_run_summary(cfg: TwistConfig, data: str, world_size: int | None = None,
         return f" = {round(epochs * steps):,} steps" if steps else ""
 
     peak = o.lr * global_batch / 256
+    first = a.view_sizes(0, t.epochs)[0]
     lines.append(f"  views: 2 x {a.global_size} px (scale {tuple(a.global_scale)})"
-                 + (f" + {a.num_local} x {a.local_size} px (scale {tuple(a.local_scale)})" if a.num_local else ""))
+                 + (f" + {a.num_local} x {a.local_size} px (scale {tuple(a.local_scale)})" if a.num_local else "")
+                 + (f"; growing from {first} px over the first {a.progressive_fraction:.0%} of the epochs "
+                    f"(progressive resizing)" if first != a.global_size else ""))
     lines.append(f"  TWIST stage: {t.epochs} epochs{count(t.epochs)}; {o.name}; loss alpha {cfg.loss.alpha:g}, "
                  f"beta {cfg.loss.beta:g}, tau {cfg.loss.tau:g}")
     lines.append(f"    lr: {o.lr:g} x {global_batch}/256 = {peak:.6g} peak; linear warm-up from 0 over "
