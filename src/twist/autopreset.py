@@ -17,13 +17,13 @@ The rules (docs/results.md, "The photo default", holds the measurements behind t
   stride-2 stem (the cost of 32 px; views cut at decode time from the original photos when the
   folder is streamed), with C = the number of class folders when there are some. Its epochs are
   then fitted by :func:`auto_preset` to CPU_BUDGET_MIN minutes at the training speed measured on
-  this machine (a few seconds of timed steps, at each view side it trains at where the views
-  grow): CPUs differ about 9x (AVX512-BF16 or not), so a
+  this machine (a few seconds of timed steps; with ``augment.progressive_start`` at each view
+  side it trains at): CPUs differ about 9x (AVX512-BF16 or not), so a
   fixed number of epochs would either run for an hour or leave most of the budget unused. Where
-  the budget holds fewer than CPU_MIN_EPOCHS epochs, the slow-CPU recipe runs (measured again):
-  the convnet narrowed to CPU_NARROW_WIDTH and the views growing from 40 to 64 px
-  (CPU_SLOW_PROGRESSIVE): on such a CPU more epochs of a narrower network at smaller views
-  score higher than fewer of the wider one;
+  the budget holds fewer than CPU_MIN_EPOCHS epochs, the convnet is narrowed to
+  CPU_NARROW_WIDTH (measured again): on such a CPU more epochs of a narrower network score
+  higher than fewer of the wider one. (Growing the views from 40 px, ``augment.progressive_start``,
+  bought 1.3x the epochs there but no better scores over three seeds: docs/results.md);
 * photos on a GPU (``photo-gpu``): the release's ResNet-50 multi-crop recipe at 224 px (2 x 224
   + 12 x 96 px, LARS, self-labeling), per-GPU batch 128 with 32 GiB or more (64 with 16, else
   32), epochs from a budget of GPU_BUDGET_H hours at an ASSUMED (not yet measured here)
@@ -82,14 +82,6 @@ AVX-512")."""
 CPU_NARROW_WIDTH = 16
 """The CPU photo recipe's convnet width on slow CPUs (CPU_MIN_EPOCHS): 2.2-2.5x the training
 images per second of width 32 (a quarter of the multiply-adds)."""
-CPU_SLOW_PROGRESSIVE = 0.625
-"""On slow CPUs (CPU_MIN_EPOCHS) the views also grow from 40 to 64 px over the first three
-quarters of the epochs (``augment.progressive_start``): about 1.3x the epochs in the same time.
-Measured on an AVX2-only float32 CPU (emulated), width 16, the same model time: 60 epochs at 64
-px scored test ACC 0.488 / kNN 0.590 on cifar224 (seed 1: 0.405 / 0.590), 79 growing from 40 px
-0.514 / 0.613. Not on fast CPUs: on the bf16 CPU the width-32 recipe with it reached the
-100-epoch cap and ACC 0.512 / kNN 0.678 against 0.544-0.565 / 0.654-0.677 in 64-77 epochs
-without (docs/results.md, "photo-cpu on a CPU without AVX-512")."""
 STEP_EFFICIENCY = 0.85
 """Training images per second over the model-only rate :func:`measure_images_per_s` measures: the
 batched augmentation, the loss and the bookkeeping (0.92-0.97 measured for photo-cpu on 10,000
@@ -371,10 +363,9 @@ def auto_preset(spec: str, overrides: Sequence[str] = (), data: DataSummary | No
 def _fit_cpu_budget(cfg: TwistConfig, data: DataSummary, overrides: Sequence[str],
                     reasons: list[str]) -> tuple[dict[int, float], AugmentConfig]:
     """Set ``cfg``'s epochs to the CPU budget at the speed measured here (with ``overrides``
-    applied; with progressive resizing at each view side it trains at). Where the recipe would
-    get fewer than CPU_MIN_EPOCHS, the slow-CPU recipe instead: the convnet narrowed to
-    CPU_NARROW_WIDTH and progressive resizing from CPU_SLOW_PROGRESSIVE (each unless given in
-    ``overrides``). Returns the measured images per second by global view side, and the
+    applied; with progressive resizing at each view side it trains at), first narrowing the
+    convnet to CPU_NARROW_WIDTH when its own width would get fewer than CPU_MIN_EPOCHS and no
+    width is given. Returns the measured images per second by global view side, and the
     augmentation settings (``overrides`` applied) they were measured for."""
     def measured(trial: TwistConfig) -> tuple[dict[int, float], AugmentConfig]:
         trial = apply_overrides(copy.deepcopy(trial), list(overrides))
@@ -384,23 +375,16 @@ def _fit_cpu_budget(cfg: TwistConfig, data: DataSummary, overrides: Sequence[str
 
     rates, augment = measured(cfg)
     cfg.train.epochs = budget_epochs(data.count, rates, augment=augment)
-    narrow = CPU_NARROW_WIDTH < cfg.model.small_cnn_width and override_value(overrides, "model.small_cnn_width") is None
-    grow = not augment.progressive_start and override_value(overrides, "augment.progressive_start") is None
-    if cfg.train.epochs < CPU_MIN_EPOCHS and (narrow or grow):
-        before, changes = cfg.train.epochs, []
-        if narrow:
-            changes.append(f"convnet width {cfg.model.small_cnn_width} -> {CPU_NARROW_WIDTH}")
-            cfg.model.small_cnn_width = CPU_NARROW_WIDTH
-        if grow:
-            cfg.augment.progressive_start = CPU_SLOW_PROGRESSIVE
+    width = cfg.model.small_cnn_width
+    if (cfg.train.epochs < CPU_MIN_EPOCHS and CPU_NARROW_WIDTH < width
+            and override_value(overrides, "model.small_cnn_width") is None):
+        wide_epochs = cfg.train.epochs
+        cfg.model.small_cnn_width = CPU_NARROW_WIDTH
         rates, augment = measured(cfg)
         cfg.train.epochs = budget_epochs(data.count, rates, augment=augment)
-        if grow:
-            changes.append(f"views growing from {augment.view_sizes(0, cfg.train.epochs)[0]} to {augment.global_size} px")
-        reasons.append(f"the slow-CPU recipe ({', '.join(changes)}): this CPU fits only {before} epochs of the "
-                       f"recipe in the budget (fewer than {CPU_MIN_EPOCHS}), and on a CPU this slow more epochs count "
-                       f"for more than width and view size (model.small_cnn_width=N, augment.progressive_start=F "
-                       f"to choose)")
+        reasons.append(f"convnet width {width} -> {CPU_NARROW_WIDTH}: at width {width} this CPU fits only "
+                       f"{wide_epochs} epochs in the budget (fewer than {CPU_MIN_EPOCHS}), and on a CPU this slow "
+                       f"epochs count for more than width (model.small_cnn_width=N to choose)")
     return rates, augment
 
 

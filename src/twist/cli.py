@@ -106,7 +106,7 @@ def _add_train_command(sub) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="starting configuration (default: chosen from the data and the device and printed: the "
                         "array presets for images up to 32 px, photo-cpu for photos on a CPU (epochs fitted to about 24 minutes at the "
-                        "speed measured there; a narrower convnet and views growing from 40 px where that is under 40 epochs), photo-gpu for photos on a GPU; twist.autopreset)")
+                        "speed measured there, a narrower convnet where that is under 40 epochs), photo-gpu for photos on a GPU; twist.autopreset)")
     p.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.3 --set augment.num_local=4 (repeatable)")

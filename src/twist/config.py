@@ -154,8 +154,9 @@ class AugmentConfig:
     fraction of global_size (at least 8 px). The side grows by 8 px steps to global_size over the
     first progressive_fraction of the TWIST epochs, then stays (local views in proportion); the
     crop boxes are the same, only their output size changes. An epoch at side s costs about
-    (s / global_size)^2 of one at global_size, so a time budget holds more epochs (photo-cpu:
-    0.625, 40 -> 64 px, docs/results.md). Evaluation and self-labeling use global_size."""
+    (s / global_size)^2 of one at global_size, so a time budget holds more epochs (0.625 on
+    photo-cpu, 40 -> 64 px: 1.3x the epochs, but no better scores over three seeds on a slow CPU;
+    docs/results.md). Evaluation and self-labeling use global_size."""
     progressive_fraction: float = 0.75
     """Share of the TWIST epochs over which progressive resizing reaches global_size."""
 
