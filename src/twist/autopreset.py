@@ -272,10 +272,11 @@ def _gpu_photo_recipe(data: DataSummary, device: DeviceInfo) -> tuple[TwistConfi
 def budget_epochs(count: int, images_per_s: float | dict[int, float], minutes: float = CPU_BUDGET_MIN,
                   max_epochs: int = CPU_MAX_EPOCHS, augment: AugmentConfig | None = None) -> int:
     """Epochs of ``count`` images that fit ``minutes`` at ``images_per_s`` x STEP_EFFICIENCY
-    (at least 1, at most ``max_epochs``). With progressive resizing (``augment``'s
-    progressive_start), ``images_per_s`` maps each global view side to its rate, and every epoch
-    is charged at the rate of its side (:func:`training_seconds`)."""
+    (at least 1, at most ``max_epochs``). ``images_per_s`` may instead map each global view side
+    of ``augment`` (progressive resizing, :func:`view_sides`) to its rate: every epoch is then
+    charged at the rate of its side (:func:`training_seconds`)."""
     if isinstance(images_per_s, dict):
+        assert augment is not None, "rates by view side need the augment settings that say each epoch's side"
         for epochs in range(max_epochs, 0, -1):
             if training_seconds(count, images_per_s, epochs, augment) <= minutes * 60:
                 return epochs
@@ -284,13 +285,10 @@ def budget_epochs(count: int, images_per_s: float | dict[int, float], minutes: f
     return int(max(1, min(max_epochs, math.floor(fit))))
 
 
-def training_seconds(count: int, rates: dict[int, float], epochs: int, augment: AugmentConfig | None) -> float:
+def training_seconds(count: int, rates: dict[int, float], epochs: int, augment: AugmentConfig) -> float:
     """Predicted seconds of ``epochs`` epochs of ``count`` images: each epoch at the measured rate
-    (x STEP_EFFICIENCY) of its global view side (``augment.view_sizes``; one side without it)."""
-    def side(epoch: int) -> int:
-        return augment.view_sizes(epoch, epochs)[0] if augment is not None else next(iter(rates))
-
-    return sum(count / (rates[side(e)] * STEP_EFFICIENCY) for e in range(epochs))
+    (x STEP_EFFICIENCY) of its global view side (``augment.view_sizes``)."""
+    return sum(count / (rates[augment.view_sizes(e, epochs)[0]] * STEP_EFFICIENCY) for e in range(epochs))
 
 
 def view_sides(augment: AugmentConfig) -> list[int]:

@@ -171,13 +171,16 @@ class AugmentConfig:
         ramp = max(1, round(self.progressive_fraction * epochs))
         grow = (self.global_size - start) * min(1.0, epoch / ramp)
         side = min(self.global_size, start + 8 * int(grow / 8 + 0.5))
-        return side, max(1, round(self.local_size * side / self.global_size))
+        return side, self._local_side(side)
 
     def resized(self, side: int) -> "AugmentConfig":
         """A copy whose global views have side ``side`` (local views in proportion, as in
         :meth:`view_sizes`)."""
-        local = max(1, round(self.local_size * side / self.global_size))
-        return dataclasses.replace(self, global_size=side, local_size=local)
+        return dataclasses.replace(self, global_size=side, local_size=self._local_side(side))
+
+    def _local_side(self, side: int) -> int:
+        """The local views' side when the global views have side ``side``: in proportion."""
+        return max(1, round(self.local_size * side / self.global_size))
 
 
 @dataclass

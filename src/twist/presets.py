@@ -85,7 +85,7 @@ def _photo_cpu() -> TwistConfig:
     """Photos on a CPU (what ``twist train photos/`` runs there): the cifar10 recipe looking at
     64 px views through a stride-2 stem, at about the cost of 32 px, batch 128; ``twist train`` without
     --preset sets its epochs from the speed measured on the machine, and on slow CPUs narrows the
-    convnet and grows the views from 40 px (twist.autopreset; docs/results.md, "The photo default")."""
+    convnet (twist.autopreset; docs/results.md, "The photo default")."""
     c = _cifar10()
     c.preset = "photo-cpu"
     c.model.small_cnn_stride = 2

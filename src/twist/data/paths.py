@@ -36,35 +36,17 @@ class PathTable(Sequence):
     def __init__(self, joined: str = "", count: int | None = None) -> None:
         """The table of the paths in ``joined``, the paths joined by NUL characters (``count``,
         when given, is checked: ``""`` holds no path, unless ``count`` is 1: one empty path)."""
-        if count == 0 or (not joined and count is None):
-            self._blob, self._starts = b"", np.zeros(1, dtype=np.int64)
-            return
-        self._blob = (joined + "\0").encode(_ENCODING, _ERRORS)
-        ends = np.flatnonzero(np.frombuffer(self._blob, dtype=np.uint8) == 0)
-        if count is not None and len(ends) != count:
-            raise ValueError(f"{len(ends)} NUL-separated paths, expected {count} (a path holds a NUL character)")
-        self._starts = np.concatenate(([0], ends + 1)).astype(np.int64)
+        empty = count == 0 or (not joined and count is None)
+        self._blob, self._starts = _pack([] if empty else [joined])
+        if count is not None and len(self) != count:
+            raise ValueError(f"{len(self)} NUL-separated paths, expected {count} (a path holds a NUL character)")
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[str]) -> PathTable:
         """The table of the paths in ``chunks``, each a run of paths joined by NUL characters (a
         folder's files, say), without joining the chunks' text first: the peak memory is the
         chunks' text, their bytes and the table, not also one string of everything."""
-        parts: list[bytes] = []
-        ends: list[np.ndarray] = []
-        at = 0
-        for chunk in chunks:
-            data = chunk.encode(_ENCODING, _ERRORS)
-            ends += [np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0) + at, np.array([at + len(data)])]
-            parts.append(data)
-            at += len(data) + 1
-        if not parts:
-            return cls()
-        table = cls.__new__(cls)
-        table._blob = b"\0".join([*parts, b""])  # every path NUL-terminated, one copy
-        table._starts = np.concatenate([np.zeros(1, dtype=np.int64), *ends], dtype=np.int64)
-        table._starts[1:] += 1
-        return table
+        return _restore(*_pack(chunks))
 
     @classmethod
     def of(cls, paths: Iterable[str]) -> PathTable:
@@ -121,6 +103,21 @@ class PathTable(Sequence):
 
     def __repr__(self) -> str:
         return f"PathTable({len(self)} paths, {self.nbytes()} bytes)"
+
+
+def _pack(chunks: Iterable[str]) -> tuple[bytes, np.ndarray]:
+    """The buffer (every path NUL-terminated) and the start offsets (one more than the paths) of
+    the paths in ``chunks``, each chunk a run of paths joined by NULs; one copy into the buffer."""
+    parts: list[bytes] = []
+    ends: list[np.ndarray] = []
+    at = 0
+    for chunk in chunks:
+        data = chunk.encode(_ENCODING, _ERRORS)
+        ends += [np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0) + at, np.array([at + len(data)])]
+        parts.append(data)
+        at += len(data) + 1
+    starts = np.concatenate([np.full(1, -1, dtype=np.int64), *ends], dtype=np.int64) + 1
+    return b"\0".join([*parts, b""]) if parts else b"", starts
 
 
 def _restore(blob: bytes, starts: np.ndarray) -> PathTable:
