@@ -23,7 +23,8 @@ The rules (docs/results.md, "The photo default", holds the measurements behind t
   the budget holds fewer than CPU_MIN_EPOCHS epochs, the convnet is narrowed to
   CPU_NARROW_WIDTH (measured again): on such a CPU more epochs of a narrower network score
   higher than fewer of the wider one. (Growing the views from 40 px, ``augment.progressive_start``,
-  bought 1.3x the epochs there but no better scores over three seeds: docs/results.md);
+  bought 1.3x the epochs there but no better scores over three seeds, and a wider last stage
+  (channels 16, 32, 96) none over four: docs/results.md);
 * photos on a GPU (``photo-gpu``): the release's ResNet-50 multi-crop recipe at 224 px (2 x 224
   + 12 x 96 px, LARS, self-labeling), per-GPU batch 128 with 32 GiB or more (64 with 16, else
   32), epochs from a budget of GPU_BUDGET_H hours at an ASSUMED (not yet measured here)
@@ -81,7 +82,8 @@ and 0.54-0.57 / 0.65-0.68, so it keeps its width (docs/results.md, "photo-cpu on
 AVX-512")."""
 CPU_NARROW_WIDTH = 16
 """The CPU photo recipe's convnet width on slow CPUs (CPU_MIN_EPOCHS): 2.2-2.5x the training
-images per second of width 32 (a quarter of the multiply-adds)."""
+images per second of width 32 (a quarter of the multiply-adds). Widening only its last stage to
+96 channels (0.82x the speed, so 49 epochs for 60) scored lower over four seeds (results.md)."""
 STEP_EFFICIENCY = 0.85
 """Training images per second over the model-only rate :func:`measure_images_per_s` measures: the
 batched augmentation, the loss and the bookkeeping (0.92-0.97 measured for photo-cpu on 10,000
