@@ -235,3 +235,18 @@ def test_auto_preset_dry_run_looks_at_the_folder_once(photo_run, capsys, monkeyp
     assert rc == 0, err
     assert "100 images" in err
     assert walks == [str(photo_run / "photos")], "the dry run's count reuses the look that chose the recipe"
+
+
+def test_auto_preset_says_what_the_settings_change(photo_run, capsys):
+    """The reasons describe the recipe as chosen (C=5 + 100 over-clustering); a --set that changes
+    it is printed next to them, so the log does not claim a head the run does not train."""
+    rc = main(["train", str(photo_run / "photos"), "--epochs", "1", "--dry-run",
+               "--set", "model.overcluster_classes=0", "--set", "model.small_cnn_width=8"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "+ 100 over-clustering" in err
+    line = next(x for x in err.splitlines() if "your settings change the recipe" in x)
+    assert "model.overcluster_classes 100 -> 0" in line and "model.small_cnn_width 32 -> 8" in line
+    assert "train.epochs" in line and "model.num_classes" not in line
+    assert main(["train", str(photo_run / "photos"), "--dry-run", "--preset", "photo-cpu", "--epochs", "1"]) == 0
+    assert "your settings change" not in capsys.readouterr().err, "a named preset is not the auto recipe"

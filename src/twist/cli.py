@@ -262,16 +262,33 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[TwistConfig, Listing
     if not args.config and not args.preset and args.out and (Path(args.out) / "config.json").is_file():
         # a run folder being resumed (or holding an imported release model) keeps its own configuration
         args.config = str(Path(args.out) / "config.json")
+    chosen = None  # the auto preset's recipe, before --set
     if args.config:
         cfg = TwistConfig.from_dict(read_config_file(Path(args.config)))
     elif args.preset:
         cfg = get_preset(args.preset)
     else:
         cfg, listing = auto_config(args)
+        chosen = cfg.to_dict()
     apply_overrides(cfg, args.overrides)
     if args.epochs is not None:
         apply_overrides(cfg, [f"train.epochs={args.epochs}"])
+    if chosen is not None:
+        log_changes(chosen, cfg.to_dict())
     return cfg.validate(), listing
+
+
+def log_changes(chosen: dict[str, Any], final: dict[str, Any]) -> None:
+    """Log what --set and --epochs changed in the auto preset's recipe: its printed reasons
+    describe the recipe as chosen (``C=10 + 100 over-clustering``), so a user who set
+    ``model.overcluster_classes=0`` sees that the run trains without it."""
+    import logging
+
+    changes = [f"{group}.{key} {values[key]} -> {final[group][key]}"
+               for group, values in chosen.items() if isinstance(values, dict)
+               for key in values if final[group][key] != values[key]]
+    if changes:
+        logging.getLogger("twist.autopreset").info("your settings change the recipe: %s", ", ".join(changes))
 
 
 def auto_config(args: argparse.Namespace) -> tuple[TwistConfig, Listing | None]:
